@@ -1,0 +1,57 @@
+"""Kernel choice in one table: (format, device type) -> kernels in order of preference.
+
+A kernel is `prepare(packed, bias) -> forward(x)` plus `supports(packed) -> bool`.
+Algorithm code never imports this package; only nn/ does.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, NamedTuple
+
+from torch import Tensor
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.packed import PackedLinear
+from quantkit.kernels import cpu, reference
+
+Forward = Callable[[Tensor], Tensor]
+
+
+class Kernel(NamedTuple):
+    name: str
+    supports: Callable[[PackedLinear], bool]
+    prepare: Callable[[PackedLinear, Tensor | None], Forward]
+
+
+KERNELS = {k.name: k for k in (
+    Kernel("reference", lambda p: True, reference.prepare),
+    Kernel("cpu_int4", cpu.supports_int4, cpu.prepare_int4),
+    Kernel("cpu_int8", cpu.supports_int8, cpu.prepare_int8),
+)}
+
+TABLE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("int", "cpu"): ("cpu_int4", "cpu_int8", "reference"),
+    ("int", "cuda"): ("reference",),
+}
+
+_warned: set[tuple[str, str]] = set()
+
+
+def select(packed: PackedLinear, device_type: str, kernel: str = "auto") -> Kernel:
+    """The first kernel in the table that supports this layer (or the one forced by name)."""
+    if kernel != "auto":
+        if kernel not in KERNELS:
+            raise QuantkitError(f"unknown kernel {kernel!r}; choose one of: auto, {', '.join(KERNELS)}")
+        if not KERNELS[kernel].supports(packed):
+            raise QuantkitError(f"kernel {kernel!r} does not support {packed.format} {packed.meta}")
+        return KERNELS[kernel]
+    for name in TABLE.get((packed.format, device_type), ("reference",)):
+        if KERNELS[name].supports(packed):
+            if name == "reference" and device_type == "cpu":
+                key = (packed.format, str(sorted(packed.meta.items())))
+                if key not in _warned:
+                    _warned.add(key)
+                    warnings.warn(f"no fast CPU kernel for {packed.format} {packed.meta}; "
+                                  "using the reference kernel (dequantize + matmul)")
+            return KERNELS[name]
+    return KERNELS["reference"]

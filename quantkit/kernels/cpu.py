@@ -1,0 +1,91 @@
+"""CPU fast paths: torch's packed int4 (groups) and int8 (per channel) matmuls, bf16 activations.
+
+These ops are fast only with bf16 activations on CPU, so inputs are cast to bf16 and the
+result cast back. int4 holds any code width <= 4: the kernel computes (c - 8)·s + m per
+group, so an affine code (q - z)·s maps to m = (8 - z)·s.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quantkit.formats.packed import PackedLinear, int_parts
+
+_KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def _kernel_group(in_f: int, group_size: int) -> int:
+    k_pad = -(-in_f // 32) * 32
+    k = k_pad if group_size <= 0 or group_size >= in_f else math.gcd(group_size, k_pad)
+    return next((g for g in _KERNEL_GROUPS if k % g == 0), 0)
+
+
+def supports_int4(p: PackedLinear) -> bool:
+    return p.format == "int" and p.meta["bits"] <= 4 and _kernel_group(p.shape[1], p.meta["group_size"]) > 0
+
+
+def prepare_int4(p: PackedLinear, bias: Tensor | None):
+    """Repack into torch's int4 CPU layout; pads the input dim to a multiple of 32."""
+    codes, scales, zeros, g_idx = int_parts(p)
+    out_f, in_f = p.shape
+    perm = None
+    if "g_idx" in p.tensors:  # act-order groups: sort columns so that groups are contiguous
+        perm = torch.argsort(g_idx, stable=True)
+        codes, g_idx = codes[:, perm], g_idx[perm]
+    k_pad = -(-in_f // 32) * 32
+    gk = _kernel_group(in_f, p.meta["group_size"])
+    # scale / offset per kernel group: the stored group of each kernel group's first column
+    first = torch.arange(0, k_pad, gk).clamp(max=in_f - 1)
+    s = scales[:, g_idx[first]]
+    if p.meta["bits"] <= 3:
+        # c = q - z + 8 stays in [1, 15]: the offset term vanishes, no bf16 cancellation
+        codes = codes - zeros[:, g_idx].to(torch.int32) + 8
+        m = torch.zeros_like(s)
+    else:
+        m = (8 - zeros[:, g_idx[first]]) * s
+    sz = torch.stack([s.t(), m.t()], dim=-1).to(torch.bfloat16).contiguous()
+    codes = F.pad(codes, (0, k_pad - in_f), value=8)
+    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    b = None if bias is None else bias.to(torch.bfloat16)
+
+    def forward(x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, in_f)
+        if perm is not None:
+            x2 = x2[:, perm]
+        x2 = F.pad(x2.to(torch.bfloat16), (0, k_pad - in_f))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, gk, sz)
+        if b is not None:
+            y = y + b
+        return y.to(x.dtype).reshape(*shape[:-1], out_f)
+    return forward
+
+
+def supports_int8(p: PackedLinear) -> bool:
+    return p.format == "int" and p.meta["bits"] == 8 and p.meta["group_size"] <= 0
+
+
+def prepare_int8(p: PackedLinear, bias: Tensor | None):
+    """Per-channel int8: y = x·((q-128)·s)ᵀ + ((128-z)·s)·Σx (zero correction is exact)."""
+    codes, scales, zeros, _ = int_parts(p)
+    out_f, in_f = p.shape
+    k_pad = -(-in_f // 32) * 32  # the op crashes on some K that are not multiples of 16
+    w = F.pad(codes - 128, (0, k_pad - in_f)).to(torch.int8).contiguous()
+    s = scales[:, 0].to(torch.bfloat16)
+    corr = ((128 - zeros[:, 0]) * scales[:, 0]).to(torch.bfloat16)
+    asym = bool((zeros != 128).any())
+    b = None if bias is None else bias.to(torch.bfloat16)
+
+    def forward(x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = F.pad(x.reshape(-1, in_f).to(torch.bfloat16), (0, k_pad - in_f)).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
+        if asym:
+            y = y + x2.sum(-1, keepdim=True) * corr
+        if b is not None:
+            y = y + b
+        return y.to(x.dtype).reshape(*shape[:-1], out_f)
+    return forward

@@ -1,0 +1,116 @@
+"""GPTQ (Frantar et al.): column-by-column rounding with inverse-Hessian error feedback.
+
+Own implementation of the published algorithm with two-level lazy batching: error
+feedback is applied as a rank-1 update only inside a small inner block of columns and
+as matrix products everywhere else. Weights are processed transposed so that each
+column is a contiguous row. Groups are fitted on fully up-to-date weights: outer
+blocks are a multiple of the group width, inner blocks divide it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.packed import PackedLinear, make_int, n_groups
+from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width
+from quantkit.quant.grid import fit_grid
+from quantkit.registry import register
+
+
+def inverse_hessian_factor(H: Tensor, damp: float, tries: int = 6) -> Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, raising λ tenfold on failure."""
+    lam = damp * H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+        lam = lam * 10
+    raise QuantkitError("GPTQ: the Hessian is not positive definite even with strong damping; "
+                        "use more calibration tokens or a larger --damp")
+
+
+def _blocks(in_f: int, gw: int, dynamic: bool, block: int, inner: int) -> tuple[int, int]:
+    if not dynamic:
+        return block, inner
+    outer = gw * max(1, block // gw)        # a whole number of groups
+    return outer, math.gcd(inner, gw)       # divides the group width
+
+
+def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
+               inner: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ on W [out, in] with Hessian H [in, in].
+
+    Returns codes [out, in] (original column order), scales and zeros [out, G], and g_idx
+    [in]: the group of each column.
+    """
+    out_f, in_f = W.shape
+    W, H = W.float().clone(), H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gw = group_width(in_f, spec)
+    perm = torch.argsort(H.diagonal(), descending=True) if spec.act_order else None
+    # Dynamic groups (refit when a group starts, on updated weights) unless act-order asks
+    # for static ones; a single group per row is always fitted up front.
+    dynamic = gw < in_f and not (spec.act_order and spec.static_groups)
+    if not dynamic:
+        scales, zeros = fit_groups(W, spec)
+        g_idx = (torch.arange(in_f, device=W.device) // gw)
+    else:
+        scales = torch.empty(out_f, n_groups(in_f, spec.group_size), device=W.device)
+        zeros = torch.empty_like(scales)
+        g_idx = torch.empty(in_f, dtype=torch.long, device=W.device)
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        if not dynamic:
+            g_idx = g_idx[perm]
+    U = inverse_hessian_factor(H, spec.damp)
+    Wt = W.t().contiguous()                 # row j = column j (processing order)
+    codes_t = torch.empty_like(Wt)
+    maxq = (1 << spec.bits) - 1
+    outer, inner = _blocks(in_f, gw, dynamic, block, inner)
+    for i1 in range(0, in_f, outer):
+        i2 = min(i1 + outer, in_f)
+        err = torch.empty(i2 - i1, out_f, device=W.device)
+        for k1 in range(i1, i2, inner):
+            k2 = min(k1 + inner, i2)
+            for j in range(k1, k2):
+                if dynamic and j % gw == 0:
+                    g = j // gw
+                    s, z = fit_grid(Wt[j:j + gw].t(), spec.bits, spec.sym, spec.mse)
+                    scales[:, g], zeros[:, g] = s, z
+                    g_idx[j:j + gw] = g
+                g = g_idx[j]
+                s, z = scales[:, g], zeros[:, g]
+                w = Wt[j]
+                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                codes_t[j] = q
+                e = (w - (q - z) * s) / U[j, j]
+                err[j - i1] = e
+                if j + 1 < k2:
+                    Wt[j + 1:k2].addr_(U[j, j + 1:k2], e, alpha=-1)
+            if k2 < i2:
+                Wt[k2:i2].addmm_(U[k1:k2, k2:i2].t(), err[k1 - i1:k2 - i1], alpha=-1)
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1)
+    codes = codes_t.t()
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, g_idx = codes[:, inv], g_idx[inv]
+    return codes.to(torch.int32).contiguous(), scales, zeros, g_idx
+
+
+@register("compressor", "gptq")
+def gptq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
+    """GPTQ compressor: needs the layer's Hessian."""
+    if stats is None:
+        raise QuantkitError("GPTQ needs calibration statistics (a Hessian)")
+    codes, scales, zeros, g_idx = gptq_codes(W, stats.H, spec)
+    return make_int(codes, scales, None if spec.sym else zeros, spec.bits, spec.group_size, g_idx)
