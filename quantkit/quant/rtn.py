@@ -24,3 +24,6 @@ def rtn(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
     """RTN compressor: ignores the statistics."""
     codes, scales, zeros = rtn_codes(W, spec)
     return make_int(codes, scales, None if spec.sym else zeros, spec.bits, spec.group_size)
+
+
+rtn.needs_stats = False

@@ -1,0 +1,166 @@
+"""quantkit command line: quantize | eval | inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _bits(v: str) -> int:
+    b = int(v)
+    if b not in (2, 3, 4, 8):
+        raise argparse.ArgumentTypeError(f"bits must be one of 2, 3, 4, 8 (got {v})")
+    return b
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help="austen | pydocs | wikitext2 | c4 | ptb | a text file")
+    p.add_argument("--seqlen", type=int, help="eval window length (default 1024)")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--json", help="write the summary to this JSON file")
+    p.add_argument("--device", help="cpu (default) or cuda")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="quantkit", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quantize", help="quantize a model (recipe name, local dir or hub id)")
+    q.add_argument("target", help="recipe name (recipes/NAME.yaml), YAML file, model dir or hub id")
+    q.add_argument("--model", help="override the recipe's model (PATH_OR_HUB_ID)")
+    q.add_argument("--method", help="rtn | gptq")
+    q.add_argument("--bits", type=_bits)
+    q.add_argument("--group-size", type=int, help="-1 for one group per output row")
+    q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--alloc", help="bit allocation: uniform")
+    q.add_argument("--calib-dataset", help="calibration corpus (default austen)")
+    q.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
+    q.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--device", help="cpu (default) or cuda")
+    q.add_argument("--out", help="output directory (default out/NAME-wBITS-gGROUP-METHOD)")
+    q.add_argument("--eval", action="store_true", help="measure perplexity after quantizing")
+    q.add_argument("--eval-dataset")
+    q.add_argument("--max-windows", type=int)
+    q.add_argument("--json", help="write the summary to this JSON file")
+    e = sub.add_parser("eval", help="perplexity of a quantized output, recipe's model or checkpoint")
+    e.add_argument("target")
+    e.add_argument("--kernel", default="reference",
+                   help="kernel for quantized layers: reference (exact, default), auto (fast path)")
+    _add_eval_args(e)
+    i = sub.add_parser("inspect", help="per-layer bits, group size and effective bits per weight")
+    i.add_argument("target")
+    return ap
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
+def cmd_quantize(a) -> dict:
+    from quantkit.pipeline import run
+    from quantkit.recipe import load_recipe
+    r = load_recipe(a.target)
+    r = r.with_overrides(model=a.model, method=a.method, bits=a.bits, group_size=a.group_size,
+                         sym=a.sym, act_order=a.act_order, alloc=a.alloc, seed=a.seed,
+                         device=a.device, **{"calib.dataset": a.calib_dataset,
+                                             "calib.n_samples": a.n_samples,
+                                             "calib.seqlen": a.calib_seqlen,
+                                             "eval.dataset": a.eval_dataset,
+                                             "eval.max_windows": a.max_windows})
+    name = Path(a.target).stem if a.model is None else Path(r.model).name
+    r = r.with_overrides(out=a.out or f"out/{name}-w{r.bits}-g{r.group_size}-{r.method}")
+    rep = run(r)
+    summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
+    if a.eval:
+        summary.update(_ppl(rep.model, rep.tokenizer, r.eval.dataset, r.eval.seqlen, r.eval.max_windows))
+    print(f"quantized {rep.n_layers} linears of {r.model} with {r.method} in {rep.seconds:.1f}s: "
+          f"{rep.bits_per_weight:.3f} bits/weight, {rep.original_size_bytes / 2**20:.1f} MiB (fp32) -> "
+          f"{rep.size_bytes / 2**20:.1f} MiB -> {r.out}"
+          + (f"; ppl {summary['ppl']:.3f} on {summary['dataset']}" if a.eval else ""))
+    return summary
+
+
+def _ppl(model, tokenizer, dataset: str, seqlen: int, max_windows: int | None) -> dict:
+    from evals.data import load_text
+    from evals.perplexity import perplexity, tokenize
+    if not any(k in type(model).__name__ for k in ("CausalLM", "LMHead")):
+        from quantkit.errors import QuantkitError
+        raise QuantkitError(f"perplexity needs a causal language model, not {type(model).__name__}")
+    ids = tokenize(tokenizer, load_text(dataset, "eval"))
+    bos = tokenizer.bos_token_id if model.config.model_type.startswith("gemma") else None
+    res = perplexity(model, ids, seqlen, max_windows, bos_id=bos)
+    return {**res, "dataset": dataset, "seqlen": seqlen}
+
+
+def cmd_eval(a) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    import quantkit
+    from quantkit.model.loader import load_model
+    from quantkit.pipeline import check_device
+    from quantkit.recipe import EvalConfig, find_recipe, load_recipe
+    device = str(check_device(a.device or "cpu"))
+    target, ev = a.target, EvalConfig()
+    if (Path(target) / "config.json").is_file() and '"quantkit"' in (Path(target) / "config.json").read_text():
+        model = quantkit.load(target, device=device, kernel=a.kernel)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    else:
+        if find_recipe(target):
+            r = load_recipe(target)
+            target, ev = r.model, r.eval
+        model, tokenizer, _ = load_model(target, device)
+    with torch.no_grad():
+        res = _ppl(model, tokenizer, a.dataset or ev.dataset, a.seqlen or ev.seqlen,
+                   a.max_windows or ev.max_windows)
+    print(f"{a.target}: ppl {res['ppl']:.4f} on {res['dataset']} "
+          f"({res['tokens']} tokens, {res['windows']} windows of {res['seqlen']})")
+    return {"target": a.target, **res}
+
+
+def cmd_inspect(a) -> dict:
+    from quantkit.formats.io import read_manifest
+    qc = read_manifest(a.target)
+    import safetensors
+    layers = qc["layers"]
+    with safetensors.safe_open(str(Path(a.target) / "model.safetensors"), "pt") as f:
+        sizes = {}
+        for k in f.keys():
+            mod, _, leaf = k.rpartition(".")
+            if mod in layers and leaf not in ("bias",):
+                sl = f.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                sizes[mod] = sizes.get(mod, 0) + n * {"I32": 32, "F16": 16, "F32": 32, "BF16": 16,
+                                                      "I8": 8, "U8": 8}.get(sl.get_dtype(), 32)
+    total_w = 0
+    print(f"{'layer':60s} {'fmt':4s} {'bits':>4s} {'group':>5s} {'bpw':>6s}")
+    for name, info in layers.items():
+        nw = info["shape"][0] * info["shape"][1]
+        total_w += nw
+        print(f"{name:60s} {info['format']:4s} {info.get('bits', '-'):>4} "
+              f"{info.get('group_size', '-'):>5} {sizes[name] / nw:6.3f}")
+    bpw = sum(sizes.values()) / total_w
+    print(f"{len(layers)} quantized linears, {total_w} weights, {bpw:.4f} effective bits per weight")
+    return {"layers": len(layers), "weights": total_w, "bits_per_weight": bpw}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from quantkit.errors import QuantkitError
+    a = build_parser().parse_args(argv)
+    try:
+        out = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[a.cmd](a)
+        _write_json(getattr(a, "json", None), out)
+    except QuantkitError as e:
+        print(f"quantkit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

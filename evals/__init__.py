@@ -1,0 +1,1 @@
+"""Bundled evaluation: offline corpora and the perplexity protocol."""

@@ -1,0 +1,40 @@
+"""Perplexity by the standard protocol (GPTQ/AWQ): join, tokenize once, non-overlapping windows."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """The whole text as one row of token ids [1, N]."""
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: Tensor, seqlen: int, max_windows: int | None = None,
+               bos_id: int | None = None, progress: bool = True) -> dict:
+    """exp(mean NLL per predicted token) over floor(N / seqlen) windows; the tail is dropped.
+
+    With `bos_id` (models that need BOS), each window is BOS + seqlen-1 text tokens.
+    """
+    step = seqlen - 1 if bos_id is not None else seqlen
+    n = ids.shape[1] // step
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in tqdm(range(n), desc="perplexity", disable=not progress, leave=False):
+        x = ids[:, i * step:(i + 1) * step]
+        if bos_id is not None:
+            x = torch.cat([torch.tensor([[bos_id]]), x], dim=1)
+        x = x.to(device)
+        logits = model(x).logits.float()
+        total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
+        count += x.shape[1] - 1
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": n}

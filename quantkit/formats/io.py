@@ -1,0 +1,111 @@
+"""Packed checkpoints: safetensors + a manifest in config.json, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.packed import PackedLinear
+
+WEIGHTS = "model.safetensors"
+QUANT_METHOD = "quantkit"
+FORMAT_VERSION = 1
+
+
+@contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a temporary sibling directory that replaces `out` only if the block succeeds."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantization_config(packed: dict[str, PackedLinear], extra: dict | None = None) -> dict:
+    """The manifest: per-layer format, shape and metadata."""
+    layers = {n: {"format": p.format, "shape": list(p.shape), **p.meta} for n, p in packed.items()}
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            "layers": layers, **(extra or {})}
+
+
+def state_dict_for_save(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[str, torch.Tensor]:
+    """Dense tensors of unquantized modules plus the packed tensors; tied copies dropped."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        mod, _, leaf = name.rpartition(".")
+        if mod in packed and leaf == "weight":
+            continue
+        if t.data_ptr() in seen and t.numel():  # tied weights are re-tied on load
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous()
+    for name, p in packed.items():
+        for k, t in p.tensors.items():
+            out[f"{name}.{k}"] = t.contiguous().cpu()
+    return out
+
+
+def save_packed(dir: Path, model: nn.Module, packed: dict[str, PackedLinear], extra: dict) -> None:
+    """Write config.json (with the manifest) and model.safetensors into dir."""
+    save_file(state_dict_for_save(model, packed), str(dir / WEIGHTS), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(packed, extra)
+    (dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The quantization_config of a quantkit checkpoint, or a clear error."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise QuantkitError(f"{path}: no config.json; not a checkpoint directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{cfg_path}: corrupt config.json ({e})") from e
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise QuantkitError(f"{path}: not a quantkit checkpoint (quant_method="
+                            f"{qc.get('quant_method')!r}); quantize it first with `quantkit quantize`")
+    return qc
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, or a clear error for a missing or corrupt file."""
+    f = Path(path) / WEIGHTS
+    if not f.is_file():
+        raise QuantkitError(f"{path}: {WEIGHTS} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(f))
+    except Exception as e:
+        raise QuantkitError(f"{f}: corrupt safetensors file ({e}); re-run the quantization") from e
+
+
+def packed_from_tensors(tensors: dict[str, torch.Tensor], manifest: dict) -> dict[str, PackedLinear]:
+    """Rebuild every PackedLinear named in the manifest from the flat tensor dict (pops them)."""
+    out = {}
+    for name, info in manifest["layers"].items():
+        prefix = f"{name}."
+        keys = [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]
+                and k[len(prefix):] not in ("bias", "weight")]
+        if not keys:
+            raise QuantkitError(f"checkpoint has no packed tensors for layer {name}")
+        meta = {k: v for k, v in info.items() if k not in ("format", "shape")}
+        out[name] = PackedLinear(info["format"], tuple(info["shape"]),
+                                 {k[len(prefix):]: tensors.pop(k) for k in keys}, meta)
+    return out

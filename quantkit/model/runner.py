@@ -1,0 +1,131 @@
+"""The sequential block runner: capture block 0's inputs once, then feed blocks one by one."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from quantkit.model.discovery import linears, weight_matrix
+from quantkit.stats.hessian import HessianAccumulator
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: the hidden states and the other arguments the block needs."""
+    hidden: list[Tensor]
+    args: list[tuple] = field(default_factory=list)     # positional args after the hidden state
+    kwargs: list[dict] = field(default_factory=list)     # masks, position ids / embeddings, ...
+
+
+def _to(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Tensor],
+                   device: torch.device) -> BlockInputs:
+    """Run the model up to the first block for each batch and keep what the block receives."""
+    got = BlockInputs(hidden=[])
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        # no KV caches: each block is re-run from scratch
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        got.hidden.append(hidden.detach())
+        got.args.append(rest)
+        got.kwargs.append(kwargs)
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return got
+
+
+def _run(block: nn.Module, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor:
+    out = block(inputs.hidden[i] if hidden is None else hidden, *inputs.args[i], **inputs.kwargs[i])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The block's outputs for every batch, packaged as the next block's inputs."""
+    hidden = [_run(block, inputs, i) for i in range(len(inputs.hidden))]
+    return BlockInputs(hidden=hidden, args=inputs.args, kwargs=inputs.kwargs)
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
+    """Linears of the block grouped by shared input tensor (q/k/v, gate/up), in call order."""
+    order: dict[str, int] = {}
+    alive: list[Tensor] = []  # keep inputs referenced so that id() values stay unique
+    handles = []
+    for name, m in linears(block).items():
+        def hook(_m, args, name=name):
+            alive.append(args[0])
+            order.setdefault(name, id(args[0]))
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        _run(block, inputs, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for name, key in order.items():
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, inputs: BlockInputs, groups: list[list[str]],
+                     stop_early: bool = True) -> dict[str, HessianAccumulator]:
+    """One Hessian per input group (keyed by its first linear), over all batches.
+
+    With `stop_early`, each forward ends after the last group's inputs are seen.
+    """
+    mods = linears(block)
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        lead = mods[group[0]]
+        acc = HessianAccumulator(weight_matrix(lead).shape[1], inputs.hidden[0].device)
+        accs[group[0]] = acc
+
+        def hook(_m, args, acc=acc):
+            acc.add(args[0])
+        handles.append(lead.register_forward_pre_hook(hook))
+    if stop_early:
+        def stop(_m, _args):
+            raise _Stop
+        handles.append(mods[groups[-1][0]].register_forward_pre_hook(stop))
+    try:
+        for i in range(len(inputs.hidden)):
+            try:
+                _run(block, inputs, i)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs

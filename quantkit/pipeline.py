@@ -1,0 +1,190 @@
+"""run(recipe): load -> calibration -> statistics -> allocation -> compress block by block -> save."""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit import registry
+from quantkit.calib.text import calibration_batches
+from quantkit.errors import QuantkitError
+from quantkit.formats.io import atomic_dir, save_packed
+from quantkit.formats.packed import PackedLinear
+from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
+from quantkit.model.loader import load_model
+from quantkit.model.runner import (capture_inputs, collect_hessians, forward_block,
+                                   input_groups)
+from quantkit.quant.base import LayerStats, QSpec
+from quantkit.recipe import Recipe
+from quantkit.stats.hessian import HessianAccumulator
+
+import quantkit.alloc.uniform  # noqa: F401  (registers)
+import quantkit.quant.gptq  # noqa: F401
+import quantkit.quant.rtn  # noqa: F401
+
+
+@dataclass
+class Report:
+    """Closing summary of a run (also written as run.json next to the checkpoint)."""
+    method: str
+    out: str | None
+    seconds: float
+    bits_per_weight: float          # (packed bits + scales/zeros/g_idx) / weights, quantized linears
+    size_bytes: int                 # checkpoint file size
+    original_size_bytes: int        # fp32 parameters of the original model
+    n_layers: int
+    layers: dict = field(default_factory=dict)
+    ppl: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device, or a clear error when CUDA is asked for but absent."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda: no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise QuantkitError(f"--device {device!r}: {e}") from e
+
+
+def base_spec(recipe: Recipe) -> QSpec:
+    try:
+        return QSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
+                     act_order=recipe.act_order, static_groups=recipe.static_groups,
+                     mse=recipe.mse, damp=recipe.damp)
+    except ValueError as e:
+        raise QuantkitError(str(e)) from e
+
+
+def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec,
+              packed: dict, info: dict) -> None:
+    W = weight_matrix(mod).detach().float()
+    p = compressor(W, stats, spec)
+    Q = p.dequantize()
+    entry = {"bits": spec.bits, "group_size": spec.group_size, "bpw": p.bits_per_weight}
+    if stats is not None:
+        E = W - Q
+        entry["proxy_loss"] = float((E @ stats.H * E).sum())
+    set_weight_matrix(mod, Q)
+    packed[name] = p
+    info[name] = entry
+
+
+def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],
+                   compressor, device: torch.device, true_sequential: bool = True,
+                   progress: bool = True) -> tuple[dict[str, PackedLinear], dict]:
+    """Compress every planned linear, block by block; the model ends up fake-quantized."""
+    prefix, blocks = find_blocks(model)
+    packed, info = {}, {}
+    inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
+    for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+        block.to(device)
+        mods = linears(block)
+        full = lambda n: f"{prefix}.{i}.{n}"  # noqa: E731
+        todo = [n for n in mods if full(n) in plan]
+        if inputs is None:
+            for n in todo:
+                _compress(full(n), mods[n], compressor, None, plan[full(n)], packed, info)
+        else:
+            groups = [[n for n in g if n in todo] for g in input_groups(block, inputs)]
+            groups = [g for g in groups if g]
+            stages = [[g] for g in groups] if true_sequential else [groups]
+            for stage in stages:
+                accs: dict[str, HessianAccumulator] = collect_hessians(block, inputs, stage)
+                for g in stage:
+                    stats = accs[g[0]].finalize()
+                    for n in g:
+                        _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
+            if i + 1 < len(blocks):
+                inputs = forward_block(block, inputs)
+        block.to("cpu") if device.type != "cpu" else None
+    return packed, info
+
+
+def _param_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * 4
+    return total
+
+
+def run(recipe: Recipe, progress: bool = True) -> Report:
+    """Quantize recipe.model as the recipe says; save to recipe.out when given."""
+    t0 = time.time()
+    seed_everything(recipe.seed)
+    device = check_device(recipe.device)
+    compressor = registry.get("compressor", recipe.method)
+    allocator = registry.get("allocator", recipe.alloc)
+    spec = base_spec(recipe)
+    model, tokenizer, source = load_model(recipe.model)
+    prefix, blocks = find_blocks(model)
+    layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
+    plan = allocator(layer_names, spec)
+    batches = None
+    if getattr(compressor, "needs_stats", True):
+        c = recipe.calib
+        batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
+                                      c.batch_size)
+    _place_outside_blocks(model, blocks, device)
+    packed, info = compress_model(model, batches, plan, compressor, device,
+                                  recipe.true_sequential, progress)
+    model.to("cpu")
+    n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
+    bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
+    report = Report(method=recipe.method, out=recipe.out, seconds=0.0, bits_per_weight=bpw,
+                    size_bytes=0, original_size_bytes=_param_bytes(model), n_layers=len(packed),
+                    layers=info)
+    if recipe.out:
+        report.seconds = time.time() - t0
+        with atomic_dir(recipe.out) as tmp:
+            save_packed(tmp, model, packed, {"recipe": recipe.to_dict(), "source": source})
+            tokenizer.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            report.size_bytes = (tmp / "model.safetensors").stat().st_size
+            (tmp / "run.json").write_text(json.dumps(_provenance(recipe, report), indent=2))
+    report.seconds = time.time() - t0
+    report.model, report.tokenizer = model, tokenizer  # in-memory fake-quantized model for evals
+    return report
+
+
+def _place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Embeddings, norms and heads go to the device; blocks stay put until their turn."""
+    if device.type == "cpu":
+        return
+    keep = {id(p) for p in blocks.parameters()}
+    for m in model.modules():
+        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if id(p) not in keep:
+                p.data = p.data.to(device)
+
+
+def _provenance(recipe: Recipe, report: Report) -> dict:
+    import transformers
+    return {"recipe": recipe.to_dict(), "seed": recipe.seed,
+            "versions": {"quantkit": _version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "report": {k: v for k, v in report.to_dict().items() if k != "layers"}}
+
+
+def _version() -> str:
+    from quantkit import __version__
+    return __version__

@@ -1,0 +1,109 @@
+"""Recipes: dataclasses with YAML in/out; overrides are checked against the fields."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from quantkit.errors import QuantkitError
+
+RECIPE_DIRS = (Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes")
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "austen"
+    n_samples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    dataset: str = "austen"
+    seqlen: int = 1024
+    max_windows: int | None = None
+
+
+@dataclass
+class Recipe:
+    """Everything a run depends on; saved next to its output."""
+    model: str = "smollm2-135m"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = True
+    static_groups: bool = True
+    mse: bool = True
+    damp: float = 0.01
+    true_sequential: bool = True
+    alloc: str = "uniform"
+    seed: int = 0
+    device: str = "cpu"
+    out: str | None = None
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        return _build(cls, d, "recipe")
+
+    def with_overrides(self, **kw) -> "Recipe":
+        """A copy with fields replaced; dotted keys ('calib.seqlen') reach nested sections."""
+        d = self.to_dict()
+        for key, value in kw.items():
+            if value is None:
+                continue
+            *path, leaf = key.split(".")
+            node = d
+            for p in path:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return Recipe.from_dict(d)
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise QuantkitError(f"{where}: expected a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise QuantkitError(f"{where}: unknown field(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(known)}")
+    kw = {}
+    for name, value in d.items():
+        sub = {"calib": CalibConfig, "eval": EvalConfig}.get(name) if cls is Recipe else None
+        kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kw)
+
+
+def find_recipe(name: str) -> Path | None:
+    """recipes/NAME.yaml (from the working directory or the installed tree), or a YAML path."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for d in RECIPE_DIRS:
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    return None
+
+
+def load_recipe(name: str) -> Recipe:
+    """The recipe called `name`; anything else is taken as a model with default settings."""
+    path = find_recipe(name)
+    if path is None:
+        return Recipe(model=name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QuantkitError(f"{path}: invalid YAML ({e})") from e
+    return Recipe.from_dict(data)
