@@ -65,6 +65,7 @@ def save_packed(dir: Path, model: nn.Module, packed: dict[str, PackedLinear], ex
     """Write config.json (with the manifest) and model.safetensors into dir."""
     save_file(state_dict_for_save(model, packed), str(dir / WEIGHTS), metadata={"format": "pt"})
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(packed, extra)
     (dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 

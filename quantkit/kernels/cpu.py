@@ -46,8 +46,10 @@ def prepare_int4(p: PackedLinear, bias: Tensor | None):
         m = torch.zeros_like(s)
     else:
         m = (8 - zeros[:, g_idx[first]]) * s
+    n_pad = -(-out_f // 16) * 16  # the op needs N divisible by 16: pad rows, slice them off
+    s, m = F.pad(s, (0, 0, 0, n_pad - out_f)), F.pad(m, (0, 0, 0, n_pad - out_f))
     sz = torch.stack([s.t(), m.t()], dim=-1).to(torch.bfloat16).contiguous()
-    codes = F.pad(codes, (0, k_pad - in_f), value=8)
+    codes = F.pad(codes, (0, k_pad - in_f, 0, n_pad - out_f), value=8)
     w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     b = None if bias is None else bias.to(torch.bfloat16)
 
@@ -57,7 +59,7 @@ def prepare_int4(p: PackedLinear, bias: Tensor | None):
         if perm is not None:
             x2 = x2[:, perm]
         x2 = F.pad(x2.to(torch.bfloat16), (0, k_pad - in_f))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, gk, sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, gk, sz)[:, :out_f]
         if b is not None:
             y = y + b
         return y.to(x.dtype).reshape(*shape[:-1], out_f)
