@@ -1,0 +1,111 @@
+"""The user's commands on a tiny checkpoint made in the test, and the errors they get."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import quantkit
+from cli import main
+from quantkit.errors import QuantkitError
+from quantkit.formats.io import atomic_dir
+from quantkit.model.discovery import find_blocks
+from quantkit.recipe import Recipe
+from tests.conftest import VOCAB, tiny_model
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife. ") * 10 + " ".join(f"word{i % 90}" for i in range(3000))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "text.txt").write_text(TEXT)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>"]))
+    model_dir = d / "model"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model_dir)
+    tiny_model("llama").save_pretrained(model_dir)
+    return d
+
+
+def test_quantize_eval_inspect(ckpt, tmp_path):
+    out, j = tmp_path / "q", tmp_path / "q.json"
+    text = str(ckpt / "text.txt")
+    rc = main(["quantize", str(ckpt / "model"), "--bits", "3", "--group-size", "32", "--method", "gptq",
+               "--out", str(out), "--n-samples", "8", "--calib-seqlen", "32", "--calib-dataset", text,
+               "--json", str(j)])
+    assert rc == 0
+    s = json.loads(j.read_text())
+    assert s["method"] == "gptq" and s["size_bytes"] == (out / "model.safetensors").stat().st_size
+    assert 3.0 < s["bits_per_weight"] < 4.5 and s["seconds"] > 0
+    assert json.loads((out / "run.json").read_text())["recipe"]["bits"] == 3
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "quantkit" and len(cfg["layers"]) == 14
+    assert all(v["bits"] == 3 and v["group_size"] == 32 for v in cfg["layers"].values())
+    assert main(["eval", str(out), "--dataset", text, "--seqlen", "32", "--json", str(j)]) == 0
+    e = json.loads(j.read_text())
+    assert e["dataset"] == text and e["tokens"] > 0 and 1 < e["ppl"] < 10 * VOCAB
+    assert main(["inspect", str(out)]) == 0
+    model = quantkit.load(out)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "/no/such/model"], "no such directory"),
+    (["quantize", "llama", "--method", "nope"], "unknown compressor 'nope'"),
+    (["quantize", "llama", "--device", "cuda"], "no CUDA device"),
+    (["eval", "/no/such/model"], "no such directory"),
+    (["inspect", "/tmp"], "no config.json"),
+])
+def test_clear_errors(argv, message, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quantkit: error:") and message in err and err.count("\n") == 1
+
+
+def test_bits_out_of_range_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "llama", "--bits", "5"])
+    assert e.value.code == 2 and "bits must be one of 2, 3, 4, 8" in capsys.readouterr().err
+
+
+def test_unsupported_architecture():
+    with pytest.raises(QuantkitError, match="unsupported architecture"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_corrupt_checkpoint_is_reported(ckpt, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", str(ckpt / "model"), "--method", "rtn", "--out", str(out)]) == 0
+    (out / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(QuantkitError, match="corrupt safetensors"):
+        quantkit.load(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(QuantkitError, match="missing"):
+        quantkit.load(out)
+
+
+def test_failed_write_keeps_previous_output(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "good").write_text("previous run")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as d:
+            (d / "half").write_text("partial")
+            raise RuntimeError("crash mid-write")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in out.iterdir()] == ["good"]
+
+
+def test_recipe_overrides_are_checked():
+    r = Recipe().with_overrides(bits=3, **{"calib.seqlen": 64})
+    assert r.bits == 3 and r.calib.seqlen == 64
+    assert Recipe.from_dict(__import__("yaml").safe_load(r.to_yaml())) == r
+    with pytest.raises(QuantkitError, match="unknown field"):
+        Recipe().with_overrides(bitz=3)

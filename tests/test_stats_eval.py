@@ -1,0 +1,57 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from evals.data import load_text
+from evals.perplexity import perplexity
+from quantkit.stats.hessian import HessianAccumulator
+from tests.conftest import tiny_model
+
+
+def test_hessian_is_token_mean_of_outer_products():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 7, 16, generator=g) for _ in range(4)]
+    acc = HessianAccumulator(16)
+    for x in xs:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, 16) for x in xs]).double()
+    st = acc.finalize()
+    assert st.n == 84
+    assert torch.allclose(st.H.double(), X.T @ X / 84, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(st.act_absmax.double(), X.abs().amax(0))
+
+
+def test_weighted_hessian():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(50, 8, generator=g), torch.rand(50, generator=g)
+    acc = HessianAccumulator(8)
+    acc.add(x, w)
+    expect = (x.T * w) @ x / w.sum()
+    assert torch.allclose(acc.finalize().H, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_equals_hand_computation():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 70), generator=torch.Generator().manual_seed(0))
+    res = perplexity(model, ids, seqlen=32, progress=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(2):  # 70 // 32 windows, tail dropped
+            x = ids[0, w * 32:(w + 1) * 32]
+            logp = F.log_softmax(model(x[None]).logits[0].double(), -1)
+            for t in range(31):
+                nll -= logp[t, x[t + 1]].item()
+                count += 1
+    assert res["tokens"] == count == 62 and res["windows"] == 2
+    assert math.isclose(res["ppl"], math.exp(nll / count), rel_tol=1e-5)
+
+
+def test_bundled_corpora_disjoint():
+    for name in ("austen", "pydocs"):
+        calib, ev = load_text(name, "calib"), load_text(name, "eval")
+        assert len(calib) > 500_000 and len(ev) > 300_000
+        # no long passage of the eval text appears in the calibration text
+        for start in range(0, len(ev) - 200, len(ev) // 20):
+            assert ev[start:start + 200] not in calib
+    assert load_text("austen", "eval").startswith("PRIDE AND PREJUDICE")
