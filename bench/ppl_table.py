@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -29,9 +31,12 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--configs", default="3:128,4:128,4:-1,2:64")
     ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
+    ap.add_argument("--label", default="", help="suffix for the result keys of this variant")
     ap.add_argument("--out", default="bench/results/smollm2_ppl.json")
     a = ap.parse_args()
     base = load_recipe(a.recipe)
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     model, tok, _ = load_model(base.model)
@@ -44,10 +49,10 @@ def main() -> None:
     for cfg in a.configs.split(","):
         bits, gs = (int(x) for x in cfg.split(":"))
         for method in a.methods.split(","):
-            key = f"{method} w{bits} g{gs}"
+            key = f"{method}{a.label} w{bits} g{gs}"
             if key in results:
                 continue
-            r = base.with_overrides(method=method, bits=bits, group_size=gs, out=None)
+            r = base.with_overrides(method=method, bits=bits, group_size=gs, out=None, **overrides)
             t = time.time()
             rep = run(r, progress=False)
             res = ev(rep.model)

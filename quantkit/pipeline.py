@@ -1,6 +1,7 @@
 """run(recipe): load -> calibration -> statistics -> allocation -> compress block by block -> save."""
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import random
@@ -21,7 +22,7 @@ from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, we
 from quantkit.model.loader import load_model
 from quantkit.model.runner import (capture_inputs, collect_hessians, forward_block,
                                    input_groups)
-from quantkit.quant.base import LayerStats, QSpec
+from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
 from quantkit.recipe import Recipe
 from quantkit.stats.hessian import HessianAccumulator
 
@@ -74,6 +75,8 @@ def base_spec(recipe: Recipe) -> QSpec:
 def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec,
               packed: dict, info: dict) -> None:
     W = weight_matrix(mod).detach().float()
+    if stats is not None:
+        W = fp_target_weight(W, stats, spec.damp)
     p = compressor(W, stats, spec)
     Q = p.dequantize()
     entry = {"bits": spec.bits, "group_size": spec.group_size, "bpw": p.bits_per_weight}
@@ -87,13 +90,20 @@ def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, s
 
 def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],
                    compressor, device: torch.device, true_sequential: bool = True,
-                   progress: bool = True) -> tuple[dict[str, PackedLinear], dict]:
-    """Compress every planned linear, block by block; the model ends up fake-quantized."""
+                   fp_target: bool = False, progress: bool = True
+                   ) -> tuple[dict[str, PackedLinear], dict]:
+    """Compress every planned linear, block by block; the model ends up fake-quantized.
+
+    fp_target: aim each layer at the unquantized model's outputs (see fp_target_weight), at
+    the cost of running an unquantized copy of each block beside it.
+    """
     prefix, blocks = find_blocks(model)
     packed, info = {}, {}
     inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
+    inputs_fp = inputs
     for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
         block.to(device)
+        ref = copy.deepcopy(block) if fp_target and inputs is not None else None
         mods = linears(block)
         full = lambda n: f"{prefix}.{i}.{n}"  # noqa: E731
         todo = [n for n in mods if full(n) in plan]
@@ -105,13 +115,15 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
             groups = [g for g in groups if g]
             stages = [[g] for g in groups] if true_sequential else [groups]
             for stage in stages:
-                accs: dict[str, HessianAccumulator] = collect_hessians(block, inputs, stage)
+                accs: dict[str, HessianAccumulator] = collect_hessians(
+                    block, inputs, stage, None if ref is None else (ref, inputs_fp))
                 for g in stage:
                     stats = accs[g[0]].finalize()
                     for n in g:
                         _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
             if i + 1 < len(blocks):
                 inputs = forward_block(block, inputs)
+                inputs_fp = forward_block(ref, inputs_fp) if ref is not None else inputs
         block.to("cpu") if device.type != "cpu" else None
     return packed, info
 
@@ -144,7 +156,7 @@ def run(recipe: Recipe, progress: bool = True) -> Report:
                                       c.batch_size)
     _place_outside_blocks(model, blocks, device)
     packed, info = compress_model(model, batches, plan, compressor, device,
-                                  recipe.true_sequential, progress)
+                                  recipe.true_sequential, recipe.fp_target, progress)
     model.to("cpu")
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights

@@ -72,3 +72,16 @@ def test_true_sequential_sees_quantized_inputs():
     o = "model.layers.0.self_attn.o_proj"
     assert torch.equal(pa[q].tensors["qweight"], pb[q].tensors["qweight"])
     assert not torch.equal(pa[o].tensors["qweight"], pb[o].tensors["qweight"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fp_target_reduces_output_error(family):
+    ids = token_batches(n=8, seqlen=32, batch=8, seed=5)[0]
+    errs = []
+    for fp_target in (False, True):
+        model = tiny_model(family)
+        ref = outputs(model, ids)
+        compress_model(model, token_batches(n=16, seqlen=64, batch=4), plan_for(model, QSpec(bits=3, group_size=32)),
+                       gptq, torch.device("cpu"), fp_target=fp_target, progress=False)
+        errs.append(float((outputs(model, ids) - ref).norm() / ref.norm()))
+    assert errs[1] < 0.9 * errs[0], errs

@@ -123,3 +123,16 @@ def test_symmetric_grid_has_fixed_zero():
     assert torch.all(z == 8)
     p = make_int(c, s, None, 4, 64, gi)
     assert "qzeros" not in p.tensors and torch.allclose(p.dequantize(), deq(c, s, z, 64, gi))
+
+
+def test_fp_target_weight_solves_least_squares():
+    from quantkit.quant.base import LayerStats, fp_target_weight
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    xq = torch.randn(400, 10, generator=g, dtype=torch.float64)
+    xfp = xq + 0.1 * torch.randn(400, 10, generator=g, dtype=torch.float64)
+    H, C = xq.T @ xq / 400, xfp.T @ xq / 400
+    assert torch.equal(fp_target_weight(W, LayerStats(H, 400, cross=H)), W)  # no drift: unchanged
+    V = fp_target_weight(W, LayerStats(H, 400, cross=C), damp=0.0)
+    best = torch.linalg.lstsq(xq, xfp @ W.T).solution.T
+    assert torch.allclose(V, best, atol=1e-10)

@@ -97,34 +97,48 @@ def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
     return list(groups.values())
 
 
-@torch.no_grad()
-def collect_hessians(block: nn.Module, inputs: BlockInputs, groups: list[list[str]],
-                     stop_early: bool = True) -> dict[str, HessianAccumulator]:
-    """One Hessian per input group (keyed by its first linear), over all batches.
-
-    With `stop_early`, each forward ends after the last group's inputs are seen.
-    """
+def _hook_leads(block: nn.Module, groups: list[list[str]], fn, stop_early: bool) -> list:
+    """Call fn(lead_name, input) before each group's first linear; optionally stop after the last."""
     mods = linears(block)
-    accs: dict[str, HessianAccumulator] = {}
-    handles = []
-    for group in groups:
-        lead = mods[group[0]]
-        acc = HessianAccumulator(weight_matrix(lead).shape[1], inputs.hidden[0].device)
-        accs[group[0]] = acc
-
-        def hook(_m, args, acc=acc):
-            acc.add(args[0])
-        handles.append(lead.register_forward_pre_hook(hook))
+    handles = [mods[g[0]].register_forward_pre_hook(lambda _m, args, n=g[0]: fn(n, args[0]))
+               for g in groups]
     if stop_early:
         def stop(_m, _args):
             raise _Stop
         handles.append(mods[groups[-1][0]].register_forward_pre_hook(stop))
+    return handles
+
+
+def _run_until_stop(block: nn.Module, inputs: BlockInputs, i: int) -> None:
+    try:
+        _run(block, inputs, i)
+    except _Stop:
+        pass
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, inputs: BlockInputs, groups: list[list[str]],
+                     reference: tuple[nn.Module, BlockInputs] | None = None,
+                     stop_early: bool = True) -> dict[str, HessianAccumulator]:
+    """One Hessian per input group (keyed by its first linear), over all batches.
+
+    With `reference` = (unquantized block, its inputs in the unquantized model), the same
+    tokens' full-precision layer inputs are accumulated against the actual ones too.
+    With `stop_early`, each forward ends after the last group's inputs are seen.
+    """
+    mods = linears(block)
+    accs = {g[0]: HessianAccumulator(weight_matrix(mods[g[0]]).shape[1], inputs.hidden[0].device)
+            for g in groups}
+    ref_x: dict[str, Tensor] = {}
+    handles = _hook_leads(block, groups, lambda n, x: accs[n].add(x, x_ref=ref_x.pop(n, None)),
+                          stop_early)
+    if reference is not None:
+        handles += _hook_leads(reference[0], groups, ref_x.__setitem__, stop_early)
     try:
         for i in range(len(inputs.hidden)):
-            try:
-                _run(block, inputs, i)
-            except _Stop:
-                pass
+            if reference is not None:
+                _run_until_stop(reference[0], reference[1], i)
+            _run_until_stop(block, inputs, i)
     finally:
         for h in handles:
             h.remove()

@@ -19,6 +19,7 @@ class LayerStats:
     H: Tensor                       # [in, in] mean of x xᵀ over tokens (fp32)
     n: int                          # tokens seen
     act_absmax: Tensor | None = None
+    cross: Tensor | None = None     # [in, in] mean of x_fp xᵀ: inputs of the unquantized model
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,19 @@ def fit_groups(W: Tensor, spec: QSpec, weight: Tensor | None = None) -> tuple[Te
         scales.append(s)
         zeros.append(z)
     return torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def fp_target_weight(W: Tensor, stats: LayerStats, damp: float = 0.01) -> Tensor:
+    """The weight V that best maps this layer's actual inputs to the full-precision outputs.
+
+    argmin_V Σ_t ||W x_fp,t - V x_t||² = W C H⁻¹ with C = E[x_fp xᵀ], H = E[x xᵀ]. Since the
+    residual W x_fp - V x is orthogonal to the span of the x, quantizing V against H then
+    minimises ||W X_fp - Q X||² up to a constant: upstream quantization error is compensated.
+    Written as W + W (C - H) H⁻¹ with H damped only in the correction, so that V = W exactly
+    when the inputs did not drift.
+    """
+    if stats.cross is None:
+        return W
+    eye = torch.eye(stats.H.shape[0], device=W.device)
+    L = torch.linalg.cholesky(stats.H + damp * stats.H.diagonal().mean() * eye)
+    return W + torch.cholesky_solve((W @ (stats.cross - stats.H)).t(), L).t()
