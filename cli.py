@@ -61,6 +61,7 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def cmd_quantize(a) -> dict:
+    from evals.data import load_text
     from quantkit.pipeline import run
     from quantkit.recipe import load_recipe
     r = load_recipe(a.target)
@@ -73,10 +74,12 @@ def cmd_quantize(a) -> dict:
                                              "eval.max_windows": a.max_windows})
     name = Path(a.target).stem if a.model is None else Path(r.model).name
     r = r.with_overrides(out=a.out or f"out/{name}-w{r.bits}-g{r.group_size}-{r.method}")
+    eval_text = load_text(r.eval.dataset, "eval") if a.eval else None  # fail before the long work
     rep = run(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
     if a.eval:
-        summary.update(_ppl(rep.model, rep.tokenizer, r.eval.dataset, r.eval.seqlen, r.eval.max_windows))
+        summary.update(_ppl(rep.model, rep.tokenizer, eval_text, r.eval.dataset, r.eval.seqlen,
+                            r.eval.max_windows))
     print(f"quantized {rep.n_layers} linears of {r.model} with {r.method} in {rep.seconds:.1f}s: "
           f"{rep.bits_per_weight:.3f} bits/weight, {rep.original_size_bytes / 2**20:.1f} MiB (fp32) -> "
           f"{rep.size_bytes / 2**20:.1f} MiB -> {r.out}"
@@ -84,13 +87,12 @@ def cmd_quantize(a) -> dict:
     return summary
 
 
-def _ppl(model, tokenizer, dataset: str, seqlen: int, max_windows: int | None) -> dict:
-    from evals.data import load_text
+def _ppl(model, tokenizer, text: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
     from evals.perplexity import perplexity, tokenize
     if not any(k in type(model).__name__ for k in ("CausalLM", "LMHead")):
         from quantkit.errors import QuantkitError
         raise QuantkitError(f"perplexity needs a causal language model, not {type(model).__name__}")
-    ids = tokenize(tokenizer, load_text(dataset, "eval"))
+    ids = tokenize(tokenizer, text)
     bos = tokenizer.bos_token_id if model.config.model_type.startswith("gemma") else None
     res = perplexity(model, ids, seqlen, max_windows, bos_id=bos)
     return {**res, "dataset": dataset, "seqlen": seqlen}
@@ -104,18 +106,22 @@ def cmd_eval(a) -> dict:
     from quantkit.model.loader import load_model
     from quantkit.pipeline import check_device
     from quantkit.recipe import EvalConfig, find_recipe, load_recipe
+    from evals.data import load_text
     device = str(check_device(a.device or "cpu"))
     target, ev = a.target, EvalConfig()
+    if find_recipe(target) and not Path(target).is_dir():
+        ev = load_recipe(target).eval
+    dataset = a.dataset or ev.dataset
+    text = load_text(dataset, "eval")  # fail before loading the model
     if (Path(target) / "config.json").is_file() and '"quantkit"' in (Path(target) / "config.json").read_text():
         model = quantkit.load(target, device=device, kernel=a.kernel)
         tokenizer = AutoTokenizer.from_pretrained(target)
     else:
-        if find_recipe(target):
-            r = load_recipe(target)
-            target, ev = r.model, r.eval
+        if find_recipe(target) and not Path(target).is_dir():
+            target = load_recipe(target).model
         model, tokenizer, _ = load_model(target, device)
     with torch.no_grad():
-        res = _ppl(model, tokenizer, a.dataset or ev.dataset, a.seqlen or ev.seqlen,
+        res = _ppl(model, tokenizer, text, dataset, a.seqlen or ev.seqlen,
                    a.max_windows or ev.max_windows)
     print(f"{a.target}: ppl {res['ppl']:.4f} on {res['dataset']} "
           f"({res['tokens']} tokens, {res['windows']} windows of {res['seqlen']})")

@@ -59,6 +59,8 @@ def test_quantize_eval_inspect(ckpt, tmp_path):
     (["quantize", "llama", "--method", "nope"], "unknown compressor 'nope'"),
     (["quantize", "llama", "--device", "cuda"], "no CUDA device"),
     (["eval", "/no/such/model"], "no such directory"),
+    (["quantize", "someorg/somemodel"], "cannot load 'someorg/somemodel'"),
+    (["eval", "llama", "--dataset", "wikitext2"], "could not load dataset 'wikitext2'"),
     (["inspect", "/tmp"], "no config.json"),
 ])
 def test_clear_errors(argv, message, capsys):
