@@ -66,7 +66,6 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
     else:
         scales = torch.empty(out_f, n_groups(in_f, spec.group_size), device=W.device)
         zeros = torch.empty_like(scales)
-        g_idx = torch.empty(in_f, dtype=torch.long, device=W.device)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         if not dynamic:
@@ -76,23 +75,28 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
     codes_t = torch.empty_like(Wt)
     maxq = (1 << spec.bits) - 1
     outer, inner = _blocks(in_f, gw, dynamic, block, inner)
+    # per-group scale/zero as contiguous rows; group of each processed column as a Python int
+    st, zt = scales.t().contiguous(), zeros.t().contiguous()
+    col_group = None if dynamic else g_idx.tolist()
+    diag = U.diagonal().tolist()
     for i1 in range(0, in_f, outer):
         i2 = min(i1 + outer, in_f)
         err = torch.empty(i2 - i1, out_f, device=W.device)
         for k1 in range(i1, i2, inner):
             k2 = min(k1 + inner, i2)
             for j in range(k1, k2):
-                if dynamic and j % gw == 0:
+                if dynamic:
                     g = j // gw
-                    s, z = fit_grid(Wt[j:j + gw].t(), spec.bits, spec.sym, spec.mse)
-                    scales[:, g], zeros[:, g] = s, z
-                    g_idx[j:j + gw] = g
-                g = g_idx[j]
-                s, z = scales[:, g], zeros[:, g]
+                    if j % gw == 0:
+                        s, z = fit_grid(Wt[j:j + gw].t(), spec.bits, spec.sym, spec.mse)
+                        st[g], zt[g] = s, z
+                else:
+                    g = col_group[j]
+                s, z = st[g], zt[g]
                 w = Wt[j]
                 q = torch.clamp(torch.round(w / s) + z, 0, maxq)
                 codes_t[j] = q
-                e = (w - (q - z) * s) / U[j, j]
+                e = torch.sub(w, (q - z) * s).div_(diag[j])
                 err[j - i1] = e
                 if j + 1 < k2:
                     Wt[j + 1:k2].addr_(U[j, j + 1:k2], e, alpha=-1)
@@ -100,6 +104,9 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
                 Wt[k2:i2].addmm_(U[k1:k2, k2:i2].t(), err[k1 - i1:k2 - i1], alpha=-1)
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1)
+    scales, zeros = st.t().contiguous(), zt.t().contiguous()
+    if dynamic:
+        g_idx = torch.arange(in_f, device=W.device) // gw
     codes = codes_t.t()
     if perm is not None:
         inv = torch.argsort(perm)
