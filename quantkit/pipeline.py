@@ -124,7 +124,8 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
             if i + 1 < len(blocks):
                 inputs = forward_block(block, inputs)
                 inputs_fp = forward_block(ref, inputs_fp) if ref is not None else inputs
-        block.to("cpu") if device.type != "cpu" else None
+        if device.type != "cpu":
+            block.to("cpu")
     return packed, info
 
 

