@@ -1,0 +1,37 @@
+"""Allocation speed: table -> bits for 1000 layers x 4 options, per allocator.
+
+    python bench/alloc_speed.py    # writes bench/results/alloc_speed.json
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantkit.alloc.baq import baq_allocate
+from quantkit.alloc.ip import ip_allocate
+from quantkit.alloc.pareto import pareto_allocate
+from quantkit.alloc.table import as_table
+
+
+def main(L: int = 1000) -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randint(1, 64, (L,), generator=g).double() * 4096
+    bits = torch.tensor([2.0, 3.0, 4.0, 8.0], dtype=torch.float64)
+    size = weights[:, None] * (bits + 0.1875)
+    cost = torch.rand(L, 1, generator=g, dtype=torch.float64) * torch.pow(2.0, -2 * bits) * weights[:, None]
+    table = as_table(cost, size, weights)
+    res = {"layers": L, "options": 4, "seconds": {}}
+    for name, fn in (("ip", ip_allocate), ("pareto", pareto_allocate), ("baq", baq_allocate)):
+        t = time.perf_counter()
+        fn(table, 3.0)
+        res["seconds"][name] = time.perf_counter() - t
+        print(f"{name:7s} {res['seconds'][name]:.3f} s")
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/alloc_speed.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The cost table every allocator reads, and the one definition of the bit budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.base import QSpec
+
+
+@dataclass
+class CostTable:
+    """cost[l, o]: sensitivity of layer l at option o; size[l, o]: its stored bits."""
+    layers: list[str]
+    options: list[QSpec]
+    cost: Tensor        # [L, O] float64
+    size: Tensor        # [L, O] float64, bits (codes + scales + zeros + g_idx)
+    weights: Tensor     # [L] number of weights of each layer
+
+    def budget_bits(self, bits_per_weight: float) -> float:
+        """Total stored bits allowed by an average of `bits_per_weight` over all layers."""
+        return bits_per_weight * float(self.weights.sum())
+
+    def bits_per_weight(self, choice: Tensor) -> float:
+        """Effective bits per weight of a choice [L] of option indices."""
+        return float(self.size.gather(1, choice[:, None]).sum() / self.weights.sum())
+
+    def check_feasible(self, bits_per_weight: float) -> None:
+        """Clear error naming the feasible range when the budget cannot be met."""
+        lo = float(self.size.min(1).values.sum() / self.weights.sum())
+        hi = float(self.size.max(1).values.sum() / self.weights.sum())
+        if bits_per_weight < lo - 1e-9:
+            raise QuantkitError(f"budget of {bits_per_weight} bits per weight is infeasible: the "
+                                f"smallest feasible budget with these options is {lo:.4f} and the "
+                                f"largest useful one {hi:.4f}; raise --bits or add smaller --bit-options")
+
+    def as_plan(self, choice: Tensor) -> dict[str, QSpec]:
+        return {name: self.options[int(o)] for name, o in zip(self.layers, choice)}
+
+
+def total(table: CostTable, choice: Tensor) -> tuple[float, float]:
+    """(cost, size) of a choice [L] of option indices."""
+    idx = choice[:, None].long()
+    return float(table.cost.gather(1, idx).sum()), float(table.size.gather(1, idx).sum())
+
+
+def as_table(cost, size, weights=None, layers=None, options=None) -> CostTable:
+    """A CostTable from plain arrays (tests, benches): defaults name layers and options by index."""
+    cost = torch.as_tensor(cost, dtype=torch.float64)
+    size = torch.as_tensor(size, dtype=torch.float64)
+    L, O = cost.shape
+    return CostTable(layers or [f"l{i}" for i in range(L)],
+                     options or [QSpec(bits=b) for b in (2, 3, 4, 8)[:O]] + [QSpec()] * max(0, O - 4),
+                     cost, size, torch.ones(L, dtype=torch.float64) if weights is None
+                     else torch.as_tensor(weights, dtype=torch.float64))

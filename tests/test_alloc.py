@@ -1,0 +1,100 @@
+import itertools
+
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from quantkit.alloc.baq import baq_allocate, baq_rates, predicted_losses
+from quantkit.alloc.ip import ip_allocate
+from quantkit.alloc.pareto import frontier, pareto_allocate
+from quantkit.alloc.table import as_table, total
+from quantkit.errors import QuantkitError
+
+
+def random_table(L, O=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randint(1, 5, (L,), generator=g).double() * 8
+    bits = torch.tensor([2, 3, 4, 8][:O], dtype=torch.float64)
+    size = weights[:, None] * bits + torch.randint(0, 4, (L, O), generator=g)  # + overhead
+    sens = torch.rand(L, generator=g, dtype=torch.float64) * 10
+    cost = sens[:, None] * torch.pow(2.0, -2 * bits) * weights[:, None] * (1 + 0.3 * torch.rand(L, O, generator=g, dtype=torch.float64))
+    return as_table(cost, size, weights)
+
+
+def brute_force(table, bpw):
+    L, O = table.cost.shape
+    best, arg = float("inf"), None
+    budget = table.budget_bits(bpw)
+    combos = torch.tensor(list(itertools.product(range(O), repeat=L)))
+    c = table.cost.gather(1, combos.t()).sum(0)
+    s = table.size.gather(1, combos.t()).sum(0)
+    c[s > budget + 1e-6] = float("inf")
+    i = int(c.argmin())
+    return float(c[i]), combos[i]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ip_and_dp_equal_brute_force(seed):
+    L = [3, 5, 7, 8, 10, 10][seed]
+    table = random_table(L, seed=seed)
+    for bpw in (2.2, 2.7, 3.3, 4.1, 5.5, 7.0):
+        try:
+            table.check_feasible(bpw)
+        except QuantkitError:
+            continue
+        want, _ = brute_force(table, bpw)
+        for alloc in (ip_allocate, pareto_allocate):
+            choice = alloc(table, bpw)
+            cost, size = total(table, choice)
+            assert size <= table.budget_bits(bpw) + 1e-6
+            assert cost == pytest.approx(want, rel=1e-9), alloc.__name__
+
+
+def test_frontier_monotone_and_max_budget_gives_max_bits():
+    table = random_table(10, seed=3)
+    f = frontier(table)
+    finite = f.cost[torch.isfinite(f.cost)]
+    assert torch.all(finite[1:] <= finite[:-1])
+    top = table.size.max(1).values.sum() / table.weights.sum()
+    for alloc in (ip_allocate, pareto_allocate, baq_allocate):
+        assert torch.equal(alloc(table, float(top) + 0.5), torch.full((10,), 3))
+
+
+def test_infeasible_budget_names_the_range():
+    with pytest.raises(QuantkitError, match="smallest feasible budget"):
+        ip_allocate(random_table(5), 1.0)
+
+
+def test_ties_force_equal_choices():
+    table = random_table(6, seed=1)
+    choice = ip_allocate(table, 3.5, ties=[[0, 1, 2]])
+    assert choice[0] == choice[1] == choice[2]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_baq_closed_form_matches_convex_solver(seed):
+    g = torch.Generator().manual_seed(seed)
+    L = 8
+    loss = torch.rand(L, generator=g, dtype=torch.float64) * 10 + 0.1
+    n = torch.randint(1, 10, (L,), generator=g).double()
+    rate, theta = 3.0, 1.95
+    closed = baq_rates(loss, n, rate, theta)
+    f = lambda r: float((loss * 2.0 ** (-theta * (torch.tensor(r) - rate))).sum())  # noqa: E731
+    res = minimize(f, x0=[rate] * L, method="SLSQP", tol=1e-14,
+                   constraints=[{"type": "eq", "fun": lambda r: float((n * torch.tensor(r)).sum() - n.sum() * rate)}])
+    assert torch.allclose(closed, torch.tensor(res.x), atol=1e-6)
+    per_weight = predicted_losses(loss, closed, rate, theta) / n
+    assert torch.allclose(per_weight, per_weight.mean().expand(L), rtol=1e-9)  # equal-loss structure
+
+
+def test_baq_rounding_holds_budget_and_is_near_ip():
+    gaps = []
+    for seed in range(8):
+        table = random_table(10, seed=seed)
+        for bpw in (2.5, 3.0, 3.5, 4.25):
+            choice = baq_allocate(table, bpw)
+            cost, size = total(table, choice)
+            assert size <= table.budget_bits(bpw) + 1e-6
+            best, _ = total(table, ip_allocate(table, bpw))
+            gaps.append(cost / best - 1)
+    assert max(gaps) < 0.25 and sum(gaps) / len(gaps) < 0.05, (max(gaps), sum(gaps) / len(gaps))
