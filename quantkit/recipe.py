@@ -40,7 +40,7 @@ class Recipe:
     mse: bool = True
     damp: float = 0.01
     true_sequential: bool = True
-    fp_target: bool = False         # aim at the unquantized model's outputs (compensates drift)
+    fp_target: bool = True          # aim at the unquantized model's outputs (compensates drift)
     alloc: str = "uniform"
     seed: int = 0
     device: str = "cpu"
