@@ -9,6 +9,7 @@ from torch import Tensor
 
 from quantkit.alloc.table import CostTable
 from quantkit.errors import QuantkitError
+from quantkit.registry import register
 
 
 def _binary(prob: pulp.LpProblem, name: str):
@@ -17,6 +18,7 @@ def _binary(prob: pulp.LpProblem, name: str):
     return pulp.LpVariable(name, cat="Binary")
 
 
+@register("allocator", "ip")
 def ip_allocate(table: CostTable, bits_per_weight: float, ties: list[list[int]] | None = None,
                 bops: Tensor | None = None, bops_budget: float | None = None) -> Tensor:
     """Option index per layer minimising Σ cost under the size budget.

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from quantkit.alloc.table import CostTable
+from quantkit.registry import register
 
 
 @dataclass
@@ -72,6 +73,7 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+@register("allocator", "pareto")
 def pareto_allocate(table: CostTable, bits_per_weight: float) -> Tensor:
     """The frontier's point for the budget."""
     table.check_feasible(bits_per_weight)
