@@ -25,7 +25,9 @@ from quantkit.model.runner import (capture_inputs, collect_hessians, forward_blo
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
 from quantkit.recipe import Recipe
 from quantkit.stats.hessian import HessianAccumulator
-from quantkit.stats.sensitivity import cost_table, output_fisher
+from quantkit.stats.hutchinson import loss_hessian_traces
+from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, output_fisher,
+                                        trace_price)
 
 import quantkit.alloc.baq  # noqa: F401  (registers)
 import quantkit.alloc.ip  # noqa: F401
@@ -136,17 +138,19 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     return packed, info
 
 
-SENSITIVITIES = ("hessian", "fisher")
+SENSITIVITIES = ("hessian", "fisher", "trace")
 
 
 def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list[str],
                 options: list[QSpec], sensitivity: str, device: torch.device, progress: bool):
-    """The cost table for the allocators (RTN at every option; Fisher-weighted if asked)."""
-    rw = None
+    """The cost table for the allocators: every layer quantized (RTN) at every option, priced."""
+    price = hessian_price
     if sensitivity == "fisher":
         small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
-        rw = output_fisher(model, small, layer_names)
-    return cost_table(model, batches, options, registry.get("compressor", "rtn"), device, rw,
+        price = fisher_price(output_fisher(model, small, layer_names))
+    elif sensitivity == "trace":
+        price = trace_price(loss_hessian_traces(model, batches[0][:1], layer_names))
+    return cost_table(model, batches, options, registry.get("compressor", "rtn"), device, price,
                       progress)
 
 

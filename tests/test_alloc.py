@@ -98,3 +98,41 @@ def test_baq_rounding_holds_budget_and_is_near_ip():
             best, _ = total(table, ip_allocate(table, bpw))
             gaps.append(cost / best - 1)
     assert max(gaps) < 0.25 and sum(gaps) / len(gaps) < 0.05, (max(gaps), sum(gaps) / len(gaps))
+
+
+def test_hutchinson_exact_on_diagonal_with_one_sample():
+    from quantkit.stats.hutchinson import hutchinson_trace
+    d = torch.rand(30, dtype=torch.float64) * 5
+    est, k = hutchinson_trace(lambda v: d * v, 30, max_samples=1)
+    assert k == 1 and est == pytest.approx(float(d.sum()), rel=1e-12)
+
+
+def test_hutchinson_within_5_percent_on_random_spd():
+    from quantkit.stats.hutchinson import hutchinson_trace
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 50, generator=g, dtype=torch.float64)
+    H = A @ A.T + torch.eye(50, dtype=torch.float64)
+    est, k = hutchinson_trace(lambda v: H @ v, 50, tol=1e-4, min_samples=200, max_samples=5000, generator=g)
+    assert abs(est / float(H.trace()) - 1) < 0.05
+
+
+def test_loss_hessian_traces_match_exact_on_a_tiny_model():
+    import transformers as tf
+
+    from quantkit.stats.hutchinson import loss_hessian_traces
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = tf.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    name = "model.layers.0.mlp.down_proj"
+    est = loss_hessian_traces(model, ids, [name], tol=1e-5, max_samples=2000)[name]
+    mod = model.get_submodule(name)
+    w = mod.weight
+    w.requires_grad_(True)
+    logits = model(ids, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    g = torch.autograd.grad(loss, w, create_graph=True)[0].flatten()
+    exact = sum(float(torch.autograd.grad(g[i], w, retain_graph=True)[0].flatten()[i])
+                for i in range(g.numel()))
+    assert abs(est / exact - 1) < 0.05

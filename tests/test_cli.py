@@ -149,7 +149,8 @@ def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     args = ["quantize", str(ckpt / "model"), "--bits", "3.5", "--alloc", alloc, "--group-size", "32",
             "--out", str(out), "--n-samples", "8", "--calib-seqlen", "32",
             "--calib-dataset", str(ckpt / "text.txt"), "--json", str(j)]
-    assert main(args + (["--sensitivity", "fisher"] if alloc == "ip" else [])) == 0
+    extra = {"ip": ["--sensitivity", "fisher"], "pareto": ["--sensitivity", "trace"]}.get(alloc, [])
+    assert main(args + extra) == 0
     s = json.loads(j.read_text())
     assert s["bits_per_weight"] <= 3.5 + 1e-9
     layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]

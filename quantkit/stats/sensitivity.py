@@ -1,6 +1,7 @@
 """Sensitivities: the cost table cost[layer, option] and size[layer, option], built block by block.
 
 `hessian`: the layer proxy tr((W - Q) H (W - Q)ᵀ) with Q the layer quantized at the option.
+`trace`:   HAWQ-V3: Tr(∇²_W loss)/n · ||W - Q||², the trace by Hutchinson (stats/hutchinson.py).
 `fisher`:  the same error weighted per output channel by the diagonal Fisher of the model's
            loss w.r.t. that layer's outputs, E[(∂loss/∂y_o)²]: ½ δyᵀ F δy is the second-order
            loss increase, so layers whose outputs the loss barely sees (or strongly sees, like
@@ -8,6 +9,8 @@
            accordingly. The plain proxy treats every output unit of every layer alike.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +52,28 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> 
     return {n: s / count for n, s in sums.items()}
 
 
+Price = Callable[[str, Tensor, Tensor], float]   # (layer, error W - Q, H) -> cost
+
+
+def hessian_price(name: str, E: Tensor, H: Tensor) -> float:
+    return float((E @ H * E).sum())
+
+
+def fisher_price(row_weights: dict[str, Tensor]) -> Price:
+    def price(name: str, E: Tensor, H: Tensor) -> float:
+        return float((row_weights[name].to(E) * (E @ H * E).sum(1)).sum())
+    return price
+
+
+def trace_price(traces: dict[str, float]) -> Price:
+    def price(name: str, E: Tensor, H: Tensor) -> float:
+        return traces[name] / E.numel() * float((E * E).sum())
+    return price
+
+
 @torch.no_grad()
 def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], quantizer,
-               device: torch.device, row_weights: dict[str, Tensor] | None = None,
+               device: torch.device, price: Price = hessian_price,
                progress: bool = True) -> CostTable:
     """Quantize every linear at every option on the unquantized model's statistics."""
     prefix, blocks = find_blocks(model)
@@ -67,13 +89,10 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
             for n in group:
                 full = f"{prefix}.{i}.{n}"
                 W = weight_matrix(mods[n]).detach().float()
-                rw = None if row_weights is None else row_weights[full].to(W)
                 row_c, row_s = [], []
                 for spec in options:
                     p = quantizer(W, stats, spec)
-                    E = W - p.dequantize()
-                    per_row = (E @ stats.H * E).sum(1)
-                    row_c.append(float(per_row.sum() if rw is None else (rw * per_row).sum()))
+                    row_c.append(price(full, W - p.dequantize(), stats.H))
                     row_s.append(p.storage_bits())
                 names.append(full)
                 cost.append(row_c)
