@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
     q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8)")
-    q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher")
+    q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace")
+    q.add_argument("--report", help="write the allocation report (JSON + PNG plots) to this directory")
     q.add_argument("--calib-dataset", help="calibration corpus (default austen)")
     q.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
     q.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
@@ -80,7 +81,7 @@ def cmd_quantize(a) -> dict:
     r = load_recipe(a.target)
     r = r.with_overrides(model=a.model, method=a.method, bits=a.bits, group_size=a.group_size,
                          sym=a.sym, act_order=a.act_order, alloc=a.alloc, seed=a.seed,
-                         bit_options=a.bit_options, sensitivity=a.sensitivity,
+                         bit_options=a.bit_options, sensitivity=a.sensitivity, report=a.report,
                          device=a.device, **{"calib.dataset": a.calib_dataset,
                                              "calib.n_samples": a.n_samples,
                                              "calib.seqlen": a.calib_seqlen,

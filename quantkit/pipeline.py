@@ -24,6 +24,7 @@ from quantkit.model.runner import (capture_inputs, collect_hessians, forward_blo
                                    input_groups)
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
 from quantkit.recipe import Recipe
+from quantkit.report import write_report
 from quantkit.stats.hessian import HessianAccumulator
 from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, output_fisher,
@@ -174,6 +175,8 @@ def run(recipe: Recipe, progress: bool = True) -> Report:
         raise QuantkitError(f"unknown allocator {recipe.alloc!r}; choose one of: uniform, "
                             f"{', '.join(registry.names('allocator'))}")
     allocator = registry.get("allocator", recipe.alloc) if mixed else None
+    if recipe.report and not mixed:
+        raise QuantkitError("--report describes a bit allocation: use it with --alloc ip | baq | pareto")
     options = [base_spec(recipe, b) for b in recipe.bit_options] if mixed else [base_spec(recipe)]
     if recipe.sensitivity not in SENSITIVITIES:
         raise QuantkitError(f"unknown sensitivity {recipe.sensitivity!r}; choose one of: "
@@ -191,7 +194,10 @@ def run(recipe: Recipe, progress: bool = True) -> Report:
     if mixed:
         table = build_table(model, batches, layer_names, options, recipe.sensitivity, device, progress)
         table.check_feasible(recipe.bits)
-        plan = table.as_plan(allocator(table, recipe.bits))
+        choice = allocator(table, recipe.bits)
+        plan = table.as_plan(choice)
+        if recipe.report:
+            write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
     else:
         plan = {name: options[0] for name in layer_names}
     packed, info = compress_model(model, batches, plan, compressor, device,

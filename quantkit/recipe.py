@@ -47,6 +47,7 @@ class Recipe:
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
+    report: str | None = None       # directory for the allocation report (JSON + PNG plots)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -149,8 +149,15 @@ def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     args = ["quantize", str(ckpt / "model"), "--bits", "3.5", "--alloc", alloc, "--group-size", "32",
             "--out", str(out), "--n-samples", "8", "--calib-seqlen", "32",
             "--calib-dataset", str(ckpt / "text.txt"), "--json", str(j)]
-    extra = {"ip": ["--sensitivity", "fisher"], "pareto": ["--sensitivity", "trace"]}.get(alloc, [])
+    extra = {"ip": ["--sensitivity", "fisher"],
+             "pareto": ["--sensitivity", "trace", "--report", str(tmp_path / "rep")]}.get(alloc, [])
     assert main(args + extra) == 0
+    if alloc == "pareto":
+        rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+        assert rep["bits_per_weight"] <= 3.5 and len(rep["layers"]) == 14
+        xs = rep["frontier"]["bits_per_weight"]
+        assert xs == sorted(xs)
+        assert (tmp_path / "rep" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = json.loads(j.read_text())
     assert s["bits_per_weight"] <= 3.5 + 1e-9
     layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]

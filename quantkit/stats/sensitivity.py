@@ -66,8 +66,9 @@ def fisher_price(row_weights: dict[str, Tensor]) -> Price:
 
 
 def trace_price(traces: dict[str, float]) -> Price:
+    # Away from a minimum a layer's trace can come out negative; such a layer is priced at 0.
     def price(name: str, E: Tensor, H: Tensor) -> float:
-        return traces[name] / E.numel() * float((E * E).sum())
+        return max(traces[name], 0.0) / E.numel() * float((E * E).sum())
     return price
 
 
