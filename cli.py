@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
     q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8)")
-    q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace")
+    q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace | kl")
     q.add_argument("--report", help="write the allocation report (JSON + PNG plots) to this directory")
     q.add_argument("--calib-dataset", help="calibration corpus (default austen)")
     q.add_argument("--n-samples", type=int, help="calibration windows (default 128)")

@@ -27,8 +27,8 @@ from quantkit.recipe import Recipe
 from quantkit.report import write_report
 from quantkit.stats.hessian import HessianAccumulator
 from quantkit.stats.hutchinson import loss_hessian_traces
-from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, output_fisher,
-                                        trace_price)
+from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, kl_table,
+                                        output_fisher, trace_price)
 
 import quantkit.alloc.baq  # noqa: F401  (registers)
 import quantkit.alloc.ip  # noqa: F401
@@ -139,20 +139,22 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     return packed, info
 
 
-SENSITIVITIES = ("hessian", "fisher", "trace")
+SENSITIVITIES = ("hessian", "fisher", "trace", "kl")
 
 
 def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list[str],
                 options: list[QSpec], sensitivity: str, device: torch.device, progress: bool):
     """The cost table for the allocators: every layer quantized (RTN) at every option, priced."""
+    rtn = registry.get("compressor", "rtn")
+    if sensitivity == "kl":
+        return kl_table(model, batches[0][:4].to(device), layer_names, options, rtn, progress)
     price = hessian_price
     if sensitivity == "fisher":
         small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
         price = fisher_price(output_fisher(model, small, layer_names))
     elif sensitivity == "trace":
         price = trace_price(loss_hessian_traces(model, batches[0][:1], layer_names))
-    return cost_table(model, batches, options, registry.get("compressor", "rtn"), device, price,
-                      progress)
+    return cost_table(model, batches, options, rtn, device, price, progress)
 
 
 def _param_bytes(model: nn.Module) -> int:

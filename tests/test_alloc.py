@@ -136,3 +136,23 @@ def test_loss_hessian_traces_match_exact_on_a_tiny_model():
     exact = sum(float(torch.autograd.grad(g[i], w, retain_graph=True)[0].flatten()[i])
                 for i in range(g.numel()))
     assert abs(est / exact - 1) < 0.05
+
+
+def test_cost_tables_price_more_bits_as_cheaper_errors():
+    from quantkit.model.discovery import find_blocks, linears
+    from quantkit.quant.base import QSpec
+    from quantkit.quant.rtn import rtn
+    from quantkit.stats.sensitivity import cost_table, kl_table
+    from tests.conftest import tiny_model, token_batches
+    model = tiny_model("llama")
+    prefix, blocks = find_blocks(model)
+    names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
+    options = [QSpec(bits=b, group_size=32) for b in (2, 4, 8)]
+    batches = token_batches()
+    for table in (cost_table(model, batches, options, rtn, torch.device("cpu"), progress=False),
+                  kl_table(model, batches[0], names, options, rtn, progress=False)):
+        assert table.layers == names
+        assert torch.all(table.cost >= 0) and torch.all(table.cost[:, 0] > table.cost[:, 2])
+        assert torch.all(table.size[:, 0] < table.size[:, 1]) and torch.all(table.size[:, 1] < table.size[:, 2])
+    # the table is built on the unquantized model: weights are left as they were
+    assert torch.equal(model.get_submodule(names[0]).weight, tiny_model("llama").get_submodule(names[0]).weight)

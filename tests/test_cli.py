@@ -149,7 +149,7 @@ def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     args = ["quantize", str(ckpt / "model"), "--bits", "3.5", "--alloc", alloc, "--group-size", "32",
             "--out", str(out), "--n-samples", "8", "--calib-seqlen", "32",
             "--calib-dataset", str(ckpt / "text.txt"), "--json", str(j)]
-    extra = {"ip": ["--sensitivity", "fisher"],
+    extra = {"ip": ["--sensitivity", "fisher"], "baq": ["--sensitivity", "kl"],
              "pareto": ["--sensitivity", "trace", "--report", str(tmp_path / "rep")]}.get(alloc, [])
     assert main(args + extra) == 0
     if alloc == "pareto":

@@ -2,6 +2,7 @@
 
 `hessian`: the layer proxy tr((W - Q) H (W - Q)ᵀ) with Q the layer quantized at the option.
 `trace`:   HAWQ-V3: Tr(∇²_W loss)/n · ||W - Q||², the trace by Hutchinson (stats/hutchinson.py).
+`kl`:      ZeroQ/AdaQuant: KL(model ‖ model with only this layer quantized) on calibration tokens.
 `fisher`:  the same error weighted per output channel by the diagonal Fisher of the model's
            loss w.r.t. that layer's outputs, E[(∂loss/∂y_o)²]: ½ δyᵀ F δy is the second-order
            loss increase, so layers whose outputs the loss barely sees (or strongly sees, like
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantkit.alloc.table import CostTable
-from quantkit.model.discovery import find_blocks, linears, weight_matrix
+from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
 from quantkit.model.runner import capture_inputs, collect_hessians, forward_block, input_groups
 from quantkit.quant.base import QSpec
 
@@ -104,4 +105,28 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
         if device.type != "cpu":
             block.to("cpu")
     return CostTable(names, list(options), torch.tensor(cost, dtype=torch.float64),
+                     torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
+
+
+@torch.no_grad()
+def kl_table(model: nn.Module, ids: Tensor, names: list[str], options: list[QSpec], quantizer,
+             progress: bool = True) -> CostTable:
+    """Mean per-token KL of the output distribution when one layer at a time is quantized."""
+    ref = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+    cost, size, weights = [], [], []
+    for name in tqdm(names, desc="kl sensitivity", disable=not progress):
+        mod = model.get_submodule(name)
+        W = weight_matrix(mod).detach().float().clone()
+        row_c, row_s = [], []
+        for spec in options:
+            p = quantizer(W, None, spec)
+            set_weight_matrix(mod, p.dequantize())
+            logq = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+            row_c.append(float((ref.exp() * (ref - logq)).sum(-1).mean()))
+            row_s.append(p.storage_bits())
+        set_weight_matrix(mod, W)
+        cost.append(row_c)
+        size.append(row_s)
+        weights.append(W.numel())
+    return CostTable(list(names), list(options), torch.tensor(cost, dtype=torch.float64),
                      torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
