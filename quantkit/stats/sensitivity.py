@@ -112,7 +112,7 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
 def kl_table(model: nn.Module, ids: Tensor, names: list[str], options: list[QSpec], quantizer,
              progress: bool = True) -> CostTable:
     """Mean per-token KL of the output distribution when one layer at a time is quantized."""
-    ref = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+    ref = F.log_softmax(model(ids, use_cache=False).logits.double(), -1)
     cost, size, weights = [], [], []
     for name in tqdm(names, desc="kl sensitivity", disable=not progress):
         mod = model.get_submodule(name)
@@ -121,8 +121,8 @@ def kl_table(model: nn.Module, ids: Tensor, names: list[str], options: list[QSpe
         for spec in options:
             p = quantizer(W, None, spec)
             set_weight_matrix(mod, p.dequantize())
-            logq = F.log_softmax(model(ids, use_cache=False).logits.float(), -1)
-            row_c.append(float((ref.exp() * (ref - logq)).sum(-1).mean()))
+            logq = F.log_softmax(model(ids, use_cache=False).logits.double(), -1)
+            row_c.append(max(0.0, float((ref.exp() * (ref - logq)).sum(-1).mean())))  # ≥ 0 up to rounding
             row_s.append(p.storage_bits())
         set_weight_matrix(mod, W)
         cost.append(row_c)
