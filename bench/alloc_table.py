@@ -23,7 +23,6 @@ from quantkit.model.loader import load_model  # noqa: E402
 from quantkit.pipeline import run  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 
-UNIFORM_BPW_G128 = {2: 2.1875, 3: 3.1875, 4: 4.1875, 8: 8.1875}  # hidden 576: 4.5 groups -> 5 stored
 
 
 def main() -> None:
