@@ -7,11 +7,22 @@ import sys
 from pathlib import Path
 
 
-def _bits(v: str) -> int:
-    b = int(v)
-    if b not in (2, 3, 4, 8):
-        raise argparse.ArgumentTypeError(f"bits must be one of 2, 3, 4, 8 (got {v})")
-    return b
+def _bits(v: str) -> float:
+    b = float(v)
+    if not 1 <= b <= 16:
+        raise argparse.ArgumentTypeError(f"bits must be between 1 and 16 (got {v}): a width of "
+                                         "2, 3, 4 or 8, or an average budget with --alloc ip|baq|pareto")
+    return int(b) if b == int(b) else b
+
+
+def _options(v: str) -> list[int]:
+    try:
+        opts = sorted({int(x) for x in v.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bit-options takes widths like 2,3,4,8 (got {v})") from None
+    if not opts or any(b not in (2, 3, 4, 8) for b in opts):
+        raise argparse.ArgumentTypeError(f"bit options must be among 2, 3, 4, 8 (got {v})")
+    return opts
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="-1 for one group per output row")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
-    q.add_argument("--alloc", help="bit allocation: uniform")
+    q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
+    q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8)")
+    q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace | kl")
+    q.add_argument("--report", help="write the allocation report (JSON + PNG plots) to this directory")
     q.add_argument("--calib-dataset", help="calibration corpus (default austen)")
     q.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
     q.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
@@ -67,6 +81,7 @@ def cmd_quantize(a) -> dict:
     r = load_recipe(a.target)
     r = r.with_overrides(model=a.model, method=a.method, bits=a.bits, group_size=a.group_size,
                          sym=a.sym, act_order=a.act_order, alloc=a.alloc, seed=a.seed,
+                         bit_options=a.bit_options, sensitivity=a.sensitivity, report=a.report,
                          device=a.device, **{"calib.dataset": a.calib_dataset,
                                              "calib.n_samples": a.n_samples,
                                              "calib.seqlen": a.calib_seqlen,

@@ -24,9 +24,15 @@ from quantkit.model.runner import (capture_inputs, collect_hessians, forward_blo
                                    input_groups)
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
 from quantkit.recipe import Recipe
+from quantkit.report import write_report
 from quantkit.stats.hessian import HessianAccumulator
+from quantkit.stats.hutchinson import loss_hessian_traces
+from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, kl_table,
+                                        output_fisher, trace_price)
 
-import quantkit.alloc.uniform  # noqa: F401  (registers)
+import quantkit.alloc.baq  # noqa: F401  (registers)
+import quantkit.alloc.ip  # noqa: F401
+import quantkit.alloc.pareto  # noqa: F401
 import quantkit.quant.gptq  # noqa: F401
 import quantkit.quant.rtn  # noqa: F401
 
@@ -63,9 +69,13 @@ def check_device(device: str) -> torch.device:
         raise QuantkitError(f"--device {device!r}: {e}") from e
 
 
-def base_spec(recipe: Recipe) -> QSpec:
+def base_spec(recipe: Recipe, bits: float | None = None) -> QSpec:
+    bits = recipe.bits if bits is None else bits
+    if bits != int(bits):
+        raise QuantkitError(f"--bits {bits}: a fractional budget needs a mixed-precision "
+                            "allocator (--alloc ip | baq | pareto)")
     try:
-        return QSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
+        return QSpec(bits=int(bits), group_size=recipe.group_size, sym=recipe.sym,
                      act_order=recipe.act_order, static_groups=recipe.static_groups,
                      mse=recipe.mse, damp=recipe.damp)
     except ValueError as e:
@@ -129,6 +139,24 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     return packed, info
 
 
+SENSITIVITIES = ("hessian", "fisher", "trace", "kl")
+
+
+def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list[str],
+                options: list[QSpec], sensitivity: str, device: torch.device, progress: bool):
+    """The cost table for the allocators: every layer quantized (RTN) at every option, priced."""
+    rtn = registry.get("compressor", "rtn")
+    if sensitivity == "kl":
+        return kl_table(model, batches[0][:4].to(device), layer_names, options, rtn, progress)
+    price = hessian_price
+    if sensitivity == "fisher":
+        small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
+        price = fisher_price(output_fisher(model, small, layer_names))
+    elif sensitivity == "trace":
+        price = trace_price(loss_hessian_traces(model, batches[0][:1], layer_names))
+    return cost_table(model, batches, options, rtn, device, price, progress)
+
+
 def _param_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():
@@ -144,18 +172,36 @@ def run(recipe: Recipe, progress: bool = True) -> Report:
     seed_everything(recipe.seed)
     device = check_device(recipe.device)
     compressor = registry.get("compressor", recipe.method)
-    allocator = registry.get("allocator", recipe.alloc)
-    spec = base_spec(recipe)
+    mixed = recipe.alloc != "uniform"
+    if mixed and recipe.alloc not in registry.names("allocator"):
+        raise QuantkitError(f"unknown allocator {recipe.alloc!r}; choose one of: uniform, "
+                            f"{', '.join(registry.names('allocator'))}")
+    allocator = registry.get("allocator", recipe.alloc) if mixed else None
+    if recipe.report and not mixed:
+        raise QuantkitError("--report describes a bit allocation: use it with --alloc ip | baq | pareto")
+    options = [base_spec(recipe, b) for b in recipe.bit_options] if mixed else [base_spec(recipe)]
+    if recipe.sensitivity not in SENSITIVITIES:
+        raise QuantkitError(f"unknown sensitivity {recipe.sensitivity!r}; choose one of: "
+                            f"{', '.join(SENSITIVITIES)}")
     model, tokenizer, source = load_model(recipe.model)
     prefix, blocks = find_blocks(model)
     layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
-    plan = allocator(layer_names, spec)
     batches = None
-    if getattr(compressor, "needs_stats", True):
+    if mixed or getattr(compressor, "needs_stats", True):
         c = recipe.calib
         batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
                                       c.batch_size)
     _place_outside_blocks(model, blocks, device)
+    table = None
+    if mixed:
+        table = build_table(model, batches, layer_names, options, recipe.sensitivity, device, progress)
+        table.check_feasible(recipe.bits)
+        choice = allocator(table, recipe.bits)
+        plan = table.as_plan(choice)
+        if recipe.report:
+            write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
+    else:
+        plan = {name: options[0] for name in layer_names}
     packed, info = compress_model(model, batches, plan, compressor, device,
                                   recipe.true_sequential, recipe.fp_target, progress)
     model.to("cpu")

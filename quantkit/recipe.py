@@ -32,7 +32,9 @@ class Recipe:
     """Everything a run depends on; saved next to its output."""
     model: str = "smollm2-135m"
     method: str = "gptq"
-    bits: int = 4
+    bits: float = 4                 # uniform: the bit width; otherwise the average budget
+    bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    sensitivity: str = "hessian"    # hessian | fisher: how the cost table prices errors
     group_size: int = 128
     sym: bool = False
     act_order: bool = True
@@ -41,10 +43,11 @@ class Recipe:
     damp: float = 0.01
     true_sequential: bool = True
     fp_target: bool = True          # aim at the unquantized model's outputs (compensates drift)
-    alloc: str = "uniform"
+    alloc: str = "uniform"          # uniform | ip | baq | pareto
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
+    report: str | None = None       # directory for the allocation report (JSON + PNG plots)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -98,3 +98,61 @@ def test_baq_rounding_holds_budget_and_is_near_ip():
             best, _ = total(table, ip_allocate(table, bpw))
             gaps.append(cost / best - 1)
     assert max(gaps) < 0.25 and sum(gaps) / len(gaps) < 0.05, (max(gaps), sum(gaps) / len(gaps))
+
+
+def test_hutchinson_exact_on_diagonal_with_one_sample():
+    from quantkit.stats.hutchinson import hutchinson_trace
+    d = torch.rand(30, dtype=torch.float64) * 5
+    est, k = hutchinson_trace(lambda v: d * v, 30, max_samples=1)
+    assert k == 1 and est == pytest.approx(float(d.sum()), rel=1e-12)
+
+
+def test_hutchinson_within_5_percent_on_random_spd():
+    from quantkit.stats.hutchinson import hutchinson_trace
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 50, generator=g, dtype=torch.float64)
+    H = A @ A.T + torch.eye(50, dtype=torch.float64)
+    est, k = hutchinson_trace(lambda v: H @ v, 50, tol=1e-4, min_samples=200, max_samples=5000, generator=g)
+    assert abs(est / float(H.trace()) - 1) < 0.05
+
+
+def test_loss_hessian_traces_match_exact_on_a_tiny_model():
+    import transformers as tf
+
+    from quantkit.stats.hutchinson import loss_hessian_traces
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = tf.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    name = "model.layers.0.mlp.down_proj"
+    est = loss_hessian_traces(model, ids, [name], tol=1e-5, max_samples=2000)[name]
+    mod = model.get_submodule(name)
+    w = mod.weight
+    w.requires_grad_(True)
+    logits = model(ids, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    g = torch.autograd.grad(loss, w, create_graph=True)[0].flatten()
+    exact = sum(float(torch.autograd.grad(g[i], w, retain_graph=True)[0].flatten()[i])
+                for i in range(g.numel()))
+    assert abs(est / exact - 1) < 0.05
+
+
+def test_cost_tables_price_more_bits_as_cheaper_errors():
+    from quantkit.model.discovery import find_blocks, linears
+    from quantkit.quant.base import QSpec
+    from quantkit.quant.rtn import rtn
+    from quantkit.stats.sensitivity import cost_table, kl_table
+    from tests.conftest import tiny_model, token_batches
+    model = tiny_model("llama")
+    prefix, blocks = find_blocks(model)
+    names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
+    options = [QSpec(bits=b, group_size=32) for b in (2, 4, 8)]
+    batches = token_batches()
+    for table in (cost_table(model, batches, options, rtn, torch.device("cpu"), progress=False),
+                  kl_table(model, batches[0], names, options, rtn, progress=False)):
+        assert table.layers == names
+        assert torch.all(table.cost >= 0) and torch.all(table.cost[:, 0] > table.cost[:, 2])
+        assert torch.all(table.size[:, 0] < table.size[:, 1]) and torch.all(table.size[:, 1] < table.size[:, 2])
+    # the table is built on the unquantized model: weights are left as they were
+    assert torch.equal(model.get_submodule(names[0]).weight, tiny_model("llama").get_submodule(names[0]).weight)

@@ -59,6 +59,7 @@ def test_quantize_eval_inspect(ckpt, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "/no/such/model"], "no such directory"),
     (["quantize", "llama", "--method", "nope"], "unknown compressor 'nope'"),
+    (["quantize", "llama", "--alloc", "nope"], "unknown allocator 'nope'; choose one of: uniform, baq"),
     (["quantize", "llama", "--device", "cuda"], "no CUDA device"),
     (["eval", "/no/such/model"], "no such directory"),
     (["quantize", "someorg/somemodel"], "cannot load 'someorg/somemodel'"),
@@ -75,8 +76,12 @@ def test_clear_errors(argv, message, capsys):
 
 def test_bits_out_of_range_is_rejected(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["quantize", "llama", "--bits", "5"])
-    assert e.value.code == 2 and "bits must be one of 2, 3, 4, 8" in capsys.readouterr().err
+        main(["quantize", "llama", "--bits", "40"])
+    assert e.value.code == 2 and "bits must be between 1 and 16" in capsys.readouterr().err
+    assert main(["quantize", "llama", "--bits", "5"]) == 2
+    assert "bits must be one of (2, 3, 4, 8)" in capsys.readouterr().err
+    assert main(["quantize", "llama", "--bits", "2.5"]) == 2
+    assert "needs a mixed-precision allocator" in capsys.readouterr().err
 
 
 def test_unsupported_architecture():
@@ -136,3 +141,36 @@ def test_same_command_quantizes_an_encoder(ckpt, tmp_path):
         a, b = fp(input_ids=ids).last_hidden_state, q(input_ids=ids).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
     assert len(q.config.quantization_config["layers"]) == 12 and cos.min() > 0.95
+
+
+@pytest.mark.parametrize("alloc", ["ip", "baq", "pareto"])
+def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
+    out, j = tmp_path / alloc, tmp_path / f"{alloc}.json"
+    args = ["quantize", str(ckpt / "model"), "--bits", "3.5", "--alloc", alloc, "--group-size", "32",
+            "--out", str(out), "--n-samples", "8", "--calib-seqlen", "32",
+            "--calib-dataset", str(ckpt / "text.txt"), "--json", str(j)]
+    extra = {"ip": ["--sensitivity", "fisher"], "baq": ["--sensitivity", "kl"],
+             "pareto": ["--sensitivity", "trace", "--report", str(tmp_path / "rep")]}.get(alloc, [])
+    assert main(args + extra) == 0
+    if alloc == "pareto":
+        rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+        assert rep["bits_per_weight"] <= 3.5 and len(rep["layers"]) == 14
+        xs = rep["frontier"]["bits_per_weight"]
+        assert xs == sorted(xs)
+        assert (tmp_path / "rep" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = json.loads(j.read_text())
+    assert s["bits_per_weight"] <= 3.5 + 1e-9
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert len({v["bits"] for v in layers.values()}) > 1          # really mixed
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref, fast = quantkit.load(out, kernel="reference"), quantkit.load(out)
+    with torch.no_grad():
+        a, b = ref(ids).logits, fast(ids).logits
+    assert (a - b).norm() / a.norm() < 1e-2
+
+
+def test_infeasible_budget_is_one_clear_line(ckpt, capsys):
+    rc = main(["quantize", str(ckpt / "model"), "--bits", "1.5", "--alloc", "ip", "--group-size", "32",
+               "--n-samples", "4", "--calib-seqlen", "32", "--calib-dataset", str(ckpt / "text.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "smallest feasible budget" in err

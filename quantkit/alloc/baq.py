@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from quantkit.alloc.table import CostTable
+from quantkit.registry import register
 
 THETA = 1.95  # BAQ's fitted exponent (theory: 2)
 
@@ -58,6 +59,7 @@ def repair(table: CostTable, choice: Tensor, bits_per_weight: float) -> Tensor:
     return order.gather(1, pos[:, None]).squeeze(1)
 
 
+@register("allocator", "baq")
 def baq_allocate(table: CostTable, bits_per_weight: float, theta: float = THETA) -> Tensor:
     """Closed-form rates from the losses at the option nearest the budget, rounded, repaired."""
     table.check_feasible(bits_per_weight)

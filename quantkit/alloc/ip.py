@@ -9,6 +9,7 @@ from torch import Tensor
 
 from quantkit.alloc.table import CostTable
 from quantkit.errors import QuantkitError
+from quantkit.registry import register
 
 
 def _binary(prob: pulp.LpProblem, name: str):
@@ -17,6 +18,7 @@ def _binary(prob: pulp.LpProblem, name: str):
     return pulp.LpVariable(name, cat="Binary")
 
 
+@register("allocator", "ip")
 def ip_allocate(table: CostTable, bits_per_weight: float, ties: list[list[int]] | None = None,
                 bops: Tensor | None = None, bops_budget: float | None = None) -> Tensor:
     """Option index per layer minimising Σ cost under the size budget.
@@ -35,7 +37,7 @@ def ip_allocate(table: CostTable, bits_per_weight: float, ties: list[list[int]] 
         prob += pulp.lpSum(x[l]) == 1
     sscale = float(table.size.max())
     prob += pulp.lpSum(float(table.size[l, o]) / sscale * x[l][o] for l in range(L) for o in range(O)) \
-        <= table.budget_bits(bits_per_weight) / sscale * (1 + 1e-12)
+        <= table.budget_bits(bits_per_weight) / sscale
     if bops is not None and bops_budget is not None:
         prob += pulp.lpSum(float(bops[l, o]) * x[l][o] for l in range(L) for o in range(O)) <= bops_budget
     for group in ties or []:
@@ -44,7 +46,7 @@ def ip_allocate(table: CostTable, bits_per_weight: float, ties: list[list[int]] 
                 prob += x[a][o] == x[b][o]
     with warnings.catch_warnings():  # pulp 3 announces API changes for its 4.0; CBC is bundled now
         warnings.simplefilter("ignore", DeprecationWarning)
-        status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+        status = prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9))
     if pulp.LpStatus[status] != "Optimal":
         raise QuantkitError(f"bit allocation IP is {pulp.LpStatus[status].lower()}: relax the budget "
                             "or the ties")

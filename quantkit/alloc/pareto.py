@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from quantkit.alloc.table import CostTable
+from quantkit.registry import register
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Frontier:
         return out
 
 
-def frontier(table: CostTable, max_bits: float | None = None, steps: int = 4000) -> Frontier:
+def frontier(table: CostTable, max_bits: float | None = None, steps: int = 20_000) -> Frontier:
     """Solve the multiple-choice knapsack for all capacities up to max_bits (default: all max).
 
     Sizes are rounded up to the grid (unit = the gcd of integer sizes when that keeps the
@@ -43,7 +44,7 @@ def frontier(table: CostTable, max_bits: float | None = None, steps: int = 4000)
     L, O = units.shape
     best = torch.full((C + 1,), float("inf"), dtype=torch.float64)
     best[0] = 0.0
-    arg = torch.zeros(L, C + 1, dtype=torch.int16)
+    arg = torch.zeros(L, C + 1, dtype=torch.int8)
     for l in range(L):
         cand = torch.full((O, C + 1), float("inf"), dtype=torch.float64)
         for o in range(O):
@@ -51,7 +52,7 @@ def frontier(table: CostTable, max_bits: float | None = None, steps: int = 4000)
             if u <= C:
                 cand[o, u:] = best[:C + 1 - u] + table.cost[l, o]
         best, a = cand.min(0)
-        arg[l] = a.to(torch.int16)
+        arg[l] = a.to(torch.int8)
     cost, at = torch.cummin(best, 0)
     return Frontier(unit, cost, at, arg, units)
 
@@ -61,7 +62,7 @@ def _unit(size: Tensor, cap_bits: float, steps: int) -> float:
         g = 0
         for v in size.flatten().long().tolist():
             g = _gcd(g, v)
-        if g and cap_bits / g <= steps * 10:
+        if g and cap_bits / g <= steps:
             return float(g)
     return cap_bits / steps
 
@@ -72,6 +73,7 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+@register("allocator", "pareto")
 def pareto_allocate(table: CostTable, bits_per_weight: float) -> Tensor:
     """The frontier's point for the budget."""
     table.check_feasible(bits_per_weight)

@@ -1,0 +1,132 @@
+"""Sensitivities: the cost table cost[layer, option] and size[layer, option], built block by block.
+
+`hessian`: the layer proxy tr((W - Q) H (W - Q)ᵀ) with Q the layer quantized at the option.
+`trace`:   HAWQ-V3: Tr(∇²_W loss)/n · ||W - Q||², the trace by Hutchinson (stats/hutchinson.py).
+`kl`:      ZeroQ/AdaQuant: KL(model ‖ model with only this layer quantized) on calibration tokens.
+`fisher`:  the same error weighted per output channel by the diagonal Fisher of the model's
+           loss w.r.t. that layer's outputs, E[(∂loss/∂y_o)²]: ½ δyᵀ F δy is the second-order
+           loss increase, so layers whose outputs the loss barely sees (or strongly sees, like
+           the last blocks' down-projections that write straight into the logits) are priced
+           accordingly. The plain proxy treats every output unit of every layer alike.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantkit.alloc.table import CostTable
+from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
+from quantkit.model.runner import capture_inputs, collect_hessians, forward_block, input_groups
+from quantkit.quant.base import QSpec
+
+
+def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
+    """Mean squared gradient of the next-token loss w.r.t. each named linear's outputs [out]."""
+    sums: dict[str, Tensor] = {}
+    count = 0
+    handles = []
+    for name in names:
+        def hook(_m, _gin, gout, name=name):
+            g = gout[0].detach().float().reshape(-1, gout[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (g * g).sum(0)
+        handles.append(model.get_submodule(name).register_full_backward_hook(hook))
+    was = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for ids in batches:
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=emb, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   reduction="sum")
+            loss.backward()
+            count += ids[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, w in zip(model.parameters(), was):
+            p.requires_grad_(w)
+    return {n: s / count for n, s in sums.items()}
+
+
+Price = Callable[[str, Tensor, Tensor], float]   # (layer, error W - Q, H) -> cost
+
+
+def hessian_price(name: str, E: Tensor, H: Tensor) -> float:
+    return float((E @ H * E).sum())
+
+
+def fisher_price(row_weights: dict[str, Tensor]) -> Price:
+    def price(name: str, E: Tensor, H: Tensor) -> float:
+        return float((row_weights[name].to(E) * (E @ H * E).sum(1)).sum())
+    return price
+
+
+def trace_price(traces: dict[str, float]) -> Price:
+    # Away from a minimum a layer's trace can come out negative; such a layer is priced at 0.
+    def price(name: str, E: Tensor, H: Tensor) -> float:
+        return max(traces[name], 0.0) / E.numel() * float((E * E).sum())
+    return price
+
+
+@torch.no_grad()
+def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], quantizer,
+               device: torch.device, price: Price = hessian_price,
+               progress: bool = True) -> CostTable:
+    """Quantize every linear at every option on the unquantized model's statistics."""
+    prefix, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks[0], batches, device)
+    names, cost, size, weights = [], [], [], []
+    for i, block in enumerate(tqdm(blocks, desc="sensitivity", disable=not progress)):
+        block.to(device)
+        mods = linears(block)
+        groups = input_groups(block, inputs)
+        accs = collect_hessians(block, inputs, groups, stop_early=False)
+        for group in groups:
+            stats = accs[group[0]].finalize()
+            for n in group:
+                full = f"{prefix}.{i}.{n}"
+                W = weight_matrix(mods[n]).detach().float()
+                row_c, row_s = [], []
+                for spec in options:
+                    p = quantizer(W, stats, spec)
+                    row_c.append(price(full, W - p.dequantize(), stats.H))
+                    row_s.append(p.storage_bits())
+                names.append(full)
+                cost.append(row_c)
+                size.append(row_s)
+                weights.append(W.numel())
+        if i + 1 < len(blocks):
+            inputs = forward_block(block, inputs)
+        if device.type != "cpu":
+            block.to("cpu")
+    return CostTable(names, list(options), torch.tensor(cost, dtype=torch.float64),
+                     torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
+
+
+@torch.no_grad()
+def kl_table(model: nn.Module, ids: Tensor, names: list[str], options: list[QSpec], quantizer,
+             progress: bool = True) -> CostTable:
+    """Mean per-token KL of the output distribution when one layer at a time is quantized."""
+    ref = F.log_softmax(model(ids, use_cache=False).logits.double(), -1)
+    cost, size, weights = [], [], []
+    for name in tqdm(names, desc="kl sensitivity", disable=not progress):
+        mod = model.get_submodule(name)
+        W = weight_matrix(mod).detach().float().clone()
+        row_c, row_s = [], []
+        for spec in options:
+            p = quantizer(W, None, spec)
+            set_weight_matrix(mod, p.dequantize())
+            logq = F.log_softmax(model(ids, use_cache=False).logits.double(), -1)
+            row_c.append(max(0.0, float((ref.exp() * (ref - logq)).sum(-1).mean())))  # ≥ 0 up to rounding
+            row_s.append(p.storage_bits())
+        set_weight_matrix(mod, W)
+        cost.append(row_c)
+        size.append(row_s)
+        weights.append(W.numel())
+    return CostTable(list(names), list(options), torch.tensor(cost, dtype=torch.float64),
+                     torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
