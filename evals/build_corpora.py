@@ -59,7 +59,8 @@ class _RReader:
             self.refs.append(sym)
             return sym
         if kind in (2, 6):  # pairlist
-            attr = self._item() if has_attr else None
+            if has_attr:
+                self._item()
             tag = self._item() if has_tag else None
             car, cdr = self._item(), self._item()
             return [(tag, car)] + (cdr or [])

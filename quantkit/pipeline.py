@@ -7,7 +7,6 @@ import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,7 +47,6 @@ class Report:
     original_size_bytes: int        # fp32 parameters of the original model
     n_layers: int
     layers: dict = field(default_factory=dict)
-    ppl: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,6 @@ def random_table(L, O=4, seed=0):
 
 def brute_force(table, bpw):
     L, O = table.cost.shape
-    best, arg = float("inf"), None
     budget = table.budget_bits(bpw)
     combos = torch.tensor(list(itertools.product(range(O), repeat=L)))
     c = table.cost.gather(1, combos.t()).sum(0)

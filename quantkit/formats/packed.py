@@ -72,7 +72,7 @@ def make_int(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
 
 def int_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Unpacked (codes [out,in], scales fp32 [out,G], zeros fp32 [out,G], g_idx [in])."""
-    bits, out_f, in_f = p.meta["bits"], p.shape[0], p.shape[1]
+    bits, in_f = p.meta["bits"], p.shape[1]
     codes = unpack(p.tensors["qweight"], bits, in_f)
     scales = p.tensors["scales"].float()
     if "qzeros" in p.tensors:

@@ -1,7 +1,6 @@
 """QuantLinear: a drop-in for nn.Linear that holds a PackedLinear and runs a chosen kernel."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from quantkit.formats.packed import PackedLinear
