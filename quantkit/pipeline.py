@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quantkit import registry
 from quantkit.calib.text import calibration_batches
@@ -19,8 +18,7 @@ from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import load_model
-from quantkit.model.runner import (capture_inputs, collect_hessians, forward_block,
-                                   input_groups)
+from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
@@ -105,35 +103,31 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     fp_target: aim each layer at the unquantized model's outputs (see fp_target_weight), at
     the cost of running an unquantized copy of each block beside it.
     """
-    prefix, blocks = find_blocks(model)
     packed, info = {}, {}
-    inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
-    inputs_fp = inputs
-    for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
-        block.to(device)
+    inputs_fp = None
+    n_blocks = len(find_blocks(model)[1])
+    for i, name, block, inputs in walk_blocks(model, batches, device, "blocks", progress):
         ref = copy.deepcopy(block) if fp_target and inputs is not None else None
+        inputs_fp = inputs if inputs_fp is None else inputs_fp
         mods = linears(block)
-        full = lambda n: f"{prefix}.{i}.{n}"  # noqa: E731
+        full = lambda n: f"{name}.{n}"  # noqa: E731
         todo = [n for n in mods if full(n) in plan]
         if inputs is None:
             for n in todo:
                 _compress(full(n), mods[n], compressor, None, plan[full(n)], packed, info)
-        else:
-            groups = [[n for n in g if n in todo] for g in input_groups(block, inputs)]
-            groups = [g for g in groups if g]
-            stages = [[g] for g in groups] if true_sequential else [groups]
-            for stage in stages:
-                accs: dict[str, HessianAccumulator] = collect_hessians(
-                    block, inputs, stage, None if ref is None else (ref, inputs_fp))
-                for g in stage:
-                    stats = accs[g[0]].finalize()
-                    for n in g:
-                        _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
-            if i + 1 < len(blocks):
-                inputs = forward_block(block, inputs)
-                inputs_fp = forward_block(ref, inputs_fp) if ref is not None else inputs
-        if device.type != "cpu":
-            block.to("cpu")
+            continue
+        groups = [[n for n in g if n in todo] for g in input_groups(block, inputs)]
+        groups = [g for g in groups if g]
+        stages = [[g] for g in groups] if true_sequential else [groups]
+        for stage in stages:
+            accs: dict[str, HessianAccumulator] = collect_hessians(
+                block, inputs, stage, None if ref is None else (ref, inputs_fp))
+            for g in stage:
+                stats = accs[g[0]].finalize()
+                for n in g:
+                    _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
+        if ref is not None and i + 1 < n_blocks:
+            inputs_fp = forward_block(ref, inputs_fp)
     return packed, info
 
 

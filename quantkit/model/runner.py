@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from quantkit.model.discovery import linears, weight_matrix
+from tqdm.auto import tqdm
+
+from quantkit.model.discovery import find_blocks, linears, weight_matrix
 from quantkit.stats.hessian import HessianAccumulator
 
 
@@ -66,6 +68,24 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Tenso
 def _run(block: nn.Module, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor:
     out = block(inputs.hidden[i] if hidden is None else hidden, *inputs.args[i], **inputs.kwargs[i])
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.device,
+                desc: str, progress: bool = True):
+    """Yield (i, qualified name, block on device, its inputs or None without data).
+
+    After the consumer is done with a block, its (possibly changed) outputs become the next
+    block's inputs, and the block goes back to the CPU.
+    """
+    prefix, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
+    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        block.to(device)
+        yield i, f"{prefix}.{i}", block, inputs
+        if inputs is not None and i + 1 < len(blocks):
+            inputs = forward_block(block, inputs)
+        if device.type != "cpu":
+            block.to("cpu")
 
 
 @torch.no_grad()

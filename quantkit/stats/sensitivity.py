@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantkit.alloc.table import CostTable
-from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
-from quantkit.model.runner import capture_inputs, collect_hessians, forward_block, input_groups
+from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
+from quantkit.model.runner import collect_hessians, input_groups, walk_blocks
 from quantkit.quant.base import QSpec
 
 
@@ -78,32 +78,24 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
                device: torch.device, price: Price = hessian_price,
                progress: bool = True) -> CostTable:
     """Quantize every linear at every option on the unquantized model's statistics."""
-    prefix, blocks = find_blocks(model)
-    inputs = capture_inputs(model, blocks[0], batches, device)
     names, cost, size, weights = [], [], [], []
-    for i, block in enumerate(tqdm(blocks, desc="sensitivity", disable=not progress)):
-        block.to(device)
+    for _, prefix, block, inputs in walk_blocks(model, batches, device, "sensitivity", progress):
         mods = linears(block)
         groups = input_groups(block, inputs)
         accs = collect_hessians(block, inputs, groups, stop_early=False)
         for group in groups:
             stats = accs[group[0]].finalize()
             for n in group:
-                full = f"{prefix}.{i}.{n}"
                 W = weight_matrix(mods[n]).detach().float()
                 row_c, row_s = [], []
                 for spec in options:
                     p = quantizer(W, stats, spec)
-                    row_c.append(price(full, W - p.dequantize(), stats.H))
+                    row_c.append(price(f"{prefix}.{n}", W - p.dequantize(), stats.H))
                     row_s.append(p.storage_bits())
-                names.append(full)
+                names.append(f"{prefix}.{n}")
                 cost.append(row_c)
                 size.append(row_s)
                 weights.append(W.numel())
-        if i + 1 < len(blocks):
-            inputs = forward_block(block, inputs)
-        if device.type != "cpu":
-            block.to("cpu")
     return CostTable(names, list(options), torch.tensor(cost, dtype=torch.float64),
                      torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
 
