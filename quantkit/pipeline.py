@@ -14,6 +14,7 @@ from torch import nn
 from quantkit import registry
 from quantkit.calib.text import calibration_batches
 from quantkit.errors import QuantkitError
+from quantkit.alloc.table import CostTable
 from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
@@ -135,10 +136,16 @@ SENSITIVITIES = ("hessian", "fisher", "trace", "kl")
 
 
 def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list[str],
-                options: list[QSpec], sensitivity: str, device: torch.device, progress: bool):
-    """The cost table for the allocators: every layer quantized (RTN) at every option, priced."""
-    rtn = registry.get("compressor", "rtn")
+                options: list[QSpec], sensitivity: str, compressor, device: torch.device,
+                progress: bool):
+    """The cost table for the allocators: every layer quantized at every option, priced.
+
+    Layers are quantized by the run's own compressor on the unquantized model's statistics, so
+    the table prices the errors that compressor will make (GPTQ's fall much faster with bits
+    than RTN's). `kl` quantizes with RTN: it needs no per-layer statistics.
+    """
     if sensitivity == "kl":
+        rtn = registry.get("compressor", "rtn")
         return kl_table(model, batches[0][:4].to(device), layer_names, options, rtn, progress)
     price = hessian_price
     if sensitivity == "fisher":
@@ -146,7 +153,7 @@ def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list
         price = fisher_price(output_fisher(model, small, layer_names))
     elif sensitivity == "trace":
         price = trace_price(loss_hessian_traces(model, batches[0][:1], layer_names))
-    return cost_table(model, batches, options, rtn, device, price, progress)
+    return cost_table(model, batches, options, compressor, device, price, progress)
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -158,37 +165,67 @@ def _param_bytes(model: nn.Module) -> int:
     return total
 
 
-def run(recipe: Recipe, progress: bool = True) -> Report:
-    """Quantize recipe.model as the recipe says; save to recipe.out when given."""
-    t0 = time.time()
-    seed_everything(recipe.seed)
-    device = check_device(recipe.device)
-    compressor = registry.get("compressor", recipe.method)
+def _check(recipe: Recipe) -> None:
     mixed = recipe.alloc != "uniform"
     if mixed and recipe.alloc not in registry.names("allocator"):
         raise QuantkitError(f"unknown allocator {recipe.alloc!r}; choose one of: uniform, "
                             f"{', '.join(registry.names('allocator'))}")
-    allocator = registry.get("allocator", recipe.alloc) if mixed else None
     if recipe.report and not mixed:
         raise QuantkitError("--report describes a bit allocation: use it with --alloc ip | baq | pareto")
-    options = [base_spec(recipe, b) for b in recipe.bit_options] if mixed else [base_spec(recipe)]
     if recipe.sensitivity not in SENSITIVITIES:
         raise QuantkitError(f"unknown sensitivity {recipe.sensitivity!r}; choose one of: "
                             f"{', '.join(SENSITIVITIES)}")
+
+
+def _setup(recipe: Recipe, need_data: bool):
+    """Seeded model, tokenizer, source, calibration batches (or None), linear names, device."""
+    seed_everything(recipe.seed)
+    device = check_device(recipe.device)
     model, tokenizer, source = load_model(recipe.model)
     prefix, blocks = find_blocks(model)
     layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
     batches = None
-    if mixed or getattr(compressor, "needs_stats", True):
+    if need_data:
         c = recipe.calib
         batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
                                       c.batch_size)
     _place_outside_blocks(model, blocks, device)
-    table = None
+    return model, tokenizer, source, batches, layer_names, device
+
+
+def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
+    """The cost table a mixed-precision run of this recipe would build (to reuse via run(table=))."""
+    _check(recipe)
+    model, _, _, batches, names, device = _setup(recipe, True)
+    options = [base_spec(recipe, b) for b in recipe.bit_options]
+    return build_table(model, batches, names, options, recipe.sensitivity,
+                       registry.get("compressor", recipe.method), device, progress)
+
+
+def allocate(recipe: Recipe, table: CostTable):
+    """The option index per layer that the recipe's allocator picks for its budget."""
+    table.check_feasible(recipe.bits)
+    return registry.get("allocator", recipe.alloc)(table, recipe.bits)
+
+
+def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -> Report:
+    """Quantize recipe.model as the recipe says; save to recipe.out when given.
+
+    table: the cost table of this recipe built earlier (sensitivity_table), to compare
+    allocators or budgets without rebuilding it.
+    """
+    t0 = time.time()
+    _check(recipe)
+    compressor = registry.get("compressor", recipe.method)
+    mixed = recipe.alloc != "uniform"
+    options = [base_spec(recipe, b) for b in recipe.bit_options] if mixed else [base_spec(recipe)]
+    model, tokenizer, source, batches, layer_names, device = _setup(
+        recipe, mixed or getattr(compressor, "needs_stats", True))
     if mixed:
-        table = build_table(model, batches, layer_names, options, recipe.sensitivity, device, progress)
-        table.check_feasible(recipe.bits)
-        choice = allocator(table, recipe.bits)
+        if table is None:
+            table = build_table(model, batches, layer_names, options, recipe.sensitivity,
+                                compressor, device, progress)
+        choice = allocate(recipe, table)
         plan = table.as_plan(choice)
         if recipe.report:
             write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
@@ -214,6 +251,7 @@ def run(recipe: Recipe, progress: bool = True) -> Report:
             (tmp / "run.json").write_text(json.dumps(_provenance(recipe, report), indent=2))
     report.seconds = time.time() - t0
     report.model, report.tokenizer = model, tokenizer  # in-memory fake-quantized model for evals
+    report.table = table
     return report
 
 

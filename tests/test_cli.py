@@ -143,14 +143,16 @@ def test_same_command_quantizes_an_encoder(ckpt, tmp_path):
     assert len(q.config.quantization_config["layers"]) == 12 and cos.min() > 0.95
 
 
-@pytest.mark.parametrize("alloc", ["ip", "baq", "pareto"])
+@pytest.mark.parametrize("alloc", ["ip", "baq", "pareto", "baq+columns"])
 def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     out, j = tmp_path / alloc, tmp_path / f"{alloc}.json"
-    args = ["quantize", str(ckpt / "model"), "--bits", "3.5", "--alloc", alloc, "--group-size", "32",
+    args = ["quantize", str(ckpt / "model"), "--bits", "3.5", "--alloc", alloc.split("+")[0],
+            "--group-size", "32",
             "--out", str(out), "--n-samples", "8", "--calib-seqlen", "32",
             "--calib-dataset", str(ckpt / "text.txt"), "--json", str(j)]
     extra = {"ip": ["--sensitivity", "fisher"], "baq": ["--sensitivity", "kl"],
-             "pareto": ["--sensitivity", "trace", "--report", str(tmp_path / "rep")]}.get(alloc, [])
+             "pareto": ["--sensitivity", "trace", "--report", str(tmp_path / "rep")],
+             "baq+columns": ["--method", "gptq-baq"]}[alloc]
     assert main(args + extra) == 0
     if alloc == "pareto":
         rep = json.loads((tmp_path / "rep" / "report.json").read_text())
@@ -162,6 +164,7 @@ def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     assert s["bits_per_weight"] <= 3.5 + 1e-9
     layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
     assert len({v["bits"] for v in layers.values()}) > 1          # really mixed
+    assert {v["format"] for v in layers.values()} == {"int-levels" if "columns" in alloc else "int"}
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     ref, fast = quantkit.load(out, kernel="reference"), quantkit.load(out)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from quantkit.model.discovery import find_blocks, linears
 from quantkit.model.runner import capture_inputs, input_groups
 from quantkit.pipeline import compress_model
 from quantkit.quant.base import QSpec
-from quantkit.quant.gptq import gptq
+from quantkit.quant.gptq import gptq, gptq_baq
 from tests.conftest import EXPECTED_LINEARS, FAMILIES, LAYERS, tiny_model, token_batches
 
 
@@ -40,13 +40,13 @@ def test_llama_input_groups_follow_data_flow():
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_quantize_save_load_roundtrip(family, tmp_path):
+@pytest.mark.parametrize("family, compressor", [(f, gptq) for f in FAMILIES] + [("llama", gptq_baq)])
+def test_quantize_save_load_roundtrip(family, compressor, tmp_path):
     model = tiny_model(family)
     ids = token_batches(n=2, seqlen=24, batch=2, seed=1)[0]
     ref_fp = outputs(model, ids)
     spec = QSpec(bits=4, group_size=32)
-    packed, info = compress_model(model, token_batches(), plan_for(model, spec), gptq,
+    packed, info = compress_model(model, token_batches(), plan_for(model, spec), compressor,
                                   torch.device("cpu"), progress=False)
     assert len(packed) == LAYERS * EXPECTED_LINEARS[family]
     fake = outputs(model, ids)

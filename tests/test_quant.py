@@ -135,3 +135,60 @@ def test_fp_target_weight_solves_least_squares():
     V = fp_target_weight(W, LayerStats(H, 400, cross=C), damp=0.0)
     best = torch.linalg.lstsq(xq, xfp @ W.T).solution.T
     assert torch.allclose(V, best, atol=1e-10)
+
+
+SPECS = [QSpec(bits=b, group_size=g, act_order=a, static_groups=s)
+         for b in (2, 3, 4) for g in (32, -1) for a, s in ((False, True), (True, True), (True, False))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_gptq_column_losses_sum_to_the_proxy(spec):
+    # Σ_j (w_j - ŵ_j)² / [H⁻¹]_jj over the processed columns is exactly tr(E H Eᵀ) (no damping)
+    W, H = layer()
+    spec = QSpec(**{**spec.__dict__, "damp": 0.0})
+    loss = torch.empty(W.shape[1])
+    c, s, z, gi = gptq_codes(W.double().float(), H, spec, col_loss=loss)
+    assert float(loss.sum()) == pytest.approx(proxy(W, deq(c, s, z, spec.group_size, gi), H), rel=1e-3)
+
+
+@pytest.mark.parametrize("spec", SPECS[:6], ids=str)
+def test_full_levels_are_plain_gptq(spec):
+    W, H = layer()
+    levels = torch.full((W.shape[1],), 1 << spec.bits)
+    assert all(torch.equal(a, b) for a, b in zip(gptq_codes(W, H, spec), gptq_codes(W, H, spec, levels=levels)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_baq_columns_beat_gptq_within_its_size(bits):
+    from quantkit.quant.base import LayerStats
+    from quantkit.quant.gptq import gptq, gptq_baq
+    # input features of very uneven scale, as in LLMs: where BAQ's reallocation pays
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 256, generator=g)
+    X = torch.randn(2000, 256, generator=g) * torch.exp(torch.randn(256, generator=g))
+    H = X.T @ X / 2000
+    stats, spec = LayerStats(H, 2000), QSpec(bits=bits, group_size=64)
+    plain, baq = gptq(W, stats, spec), gptq_baq(W, stats, spec)
+    assert baq.format == "int-levels" and baq.storage_bits() <= plain.storage_bits()
+    assert proxy(W, baq.dequantize(), H) < 0.8 * proxy(W, plain.dequantize(), H)
+
+
+def test_column_levels_closed_form_and_budget():
+    from quantkit.alloc.baq import THETA, column_levels
+    from quantkit.formats.packed import levels_storage_bits
+    g = torch.Generator().manual_seed(0)
+    loss = torch.rand(300, generator=g, dtype=torch.float64) ** 4 * 100
+    loss[7] = 0                                      # a dead column gets one level (nothing stored)
+    out_f, bits = 64, 3
+    budget = 64 * 300 * 3
+    levels = column_levels(loss, out_f, bits, budget)
+    assert levels[7] == 1 and levels_storage_bits(out_f, levels.tolist()) <= budget
+    # the rate-loss model's predicted losses L_j (2^b/m_j)^θ are nearly equal (the equal-loss structure)
+    pred = (loss * (2 ** bits / levels.double()) ** THETA)[levels > 1]
+    spread = torch.log2(pred).std() / torch.log2(loss[loss > 0]).std()
+    assert spread < 0.2
+    # an upgrade of any column no longer fits
+    nxt = levels_storage_bits(out_f, levels.tolist()) + min(
+        levels_storage_bits(out_f, [m + 1]) - levels_storage_bits(out_f, [m]) for m in levels.tolist()
+        if levels_storage_bits(out_f, [m + 1]) > levels_storage_bits(out_f, [m]))
+    assert nxt > budget

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantkit.alloc.table import CostTable
+from quantkit.alloc.table import CostTable, repair
+from quantkit.formats.packed import levels_storage_bits
 from quantkit.registry import register
 
 THETA = 1.95  # BAQ's fitted exponent (theory: 2)
@@ -27,36 +28,6 @@ def baq_rates(loss: Tensor, n: Tensor, rate: float, theta: float = THETA) -> Ten
 def _reference_option(table: CostTable, bits_per_weight: float) -> int:
     bpw = (table.size / table.weights[:, None]).mean(0)
     return int((bpw - bits_per_weight).abs().argmin())
-
-
-def repair(table: CostTable, choice: Tensor, bits_per_weight: float) -> Tensor:
-    """Greedy fix of a rounded choice: cheapest downgrades until it fits, then best upgrades that fit."""
-    budget = table.budget_bits(bits_per_weight)
-    order = torch.argsort(table.size, dim=1)           # options of each layer, smallest first
-    rank = torch.argsort(order, dim=1)
-    pos = rank.gather(1, choice[:, None]).squeeze(1).clone()
-    L, O = table.size.shape
-    used = float(table.size.gather(1, choice[:, None]).sum())
-
-    def step(l: int, d: int) -> tuple[float, float]:
-        a, b = int(order[l, pos[l]]), int(order[l, pos[l] + d])
-        return float(table.cost[l, b] - table.cost[l, a]), float(table.size[l, b] - table.size[l, a])
-
-    while used > budget + 1e-6:
-        cands = [(dc / max(-ds, 1e-12), l) for l in range(L) if pos[l] > 0
-                 for dc, ds in [step(l, -1)]]
-        _, l = min(cands)
-        used += step(l, -1)[1]
-        pos[l] -= 1
-    while True:
-        cands = [(dc / max(ds, 1e-12), l) for l in range(L) if pos[l] < O - 1
-                 for dc, ds in [step(l, 1)] if used + ds <= budget + 1e-6 and dc < 0]
-        if not cands:
-            break
-        _, l = min(cands)
-        used += step(l, 1)[1]
-        pos[l] += 1
-    return order.gather(1, pos[:, None]).squeeze(1)
 
 
 @register("allocator", "baq")
@@ -75,3 +46,59 @@ def predicted_losses(loss: Tensor, rates: Tensor, ref_rate: float, theta: float 
     return loss * torch.pow(2.0, -theta * (rates - ref_rate))
 
 
+
+
+def _level_menu(out_features: int, max_levels: int = 256) -> tuple[list[int], list[int]]:
+    """Level counts worth storing (most levels for their radix-packed size) and their bits."""
+    menu, cost = [1], [0]
+    for m in range(2, max_levels + 1):
+        c = levels_storage_bits(out_features, [m])
+        if c == cost[-1]:
+            menu[-1] = m
+        else:
+            menu.append(m)
+            cost.append(c)
+    return menu, cost
+
+
+def column_levels(loss: Tensor, out_features: int, bits: int, budget: int,
+                  theta: float = THETA) -> Tensor:
+    """BAQ inside a layer: level count per input column from its GPTQ loss at `bits`.
+
+    Continuous rates R_j = bits + (log2 L_j - mean log2 L)/θ, rounded to the nearest storable
+    level count, then repaired greedily on the rate-loss model L_j (2^bits / m)^θ until the
+    packed codes fit `budget` bits and no further upgrade fits. Dead columns (L_j = 0) get 1.
+    """
+    menu, cost = _level_menu(out_features)
+    menu_t = torch.tensor(menu, dtype=torch.float64)
+    cost_t = torch.tensor(cost, dtype=torch.float64)
+    L = loss.double().clamp(min=0)
+    live = L > 0
+    a = torch.log2(L.clamp(min=1e-300))
+    rates = bits + (a - a[live].mean()) / theta if live.any() else torch.zeros_like(a)
+    pos = (torch.log2(menu_t)[None] - rates[:, None]).abs().argmin(1)
+    pos[~live] = 0
+
+    def model(p: Tensor) -> Tensor:
+        return torch.where(live, L * torch.pow(2.0 ** bits / menu_t[p], theta), 0.0)
+
+    used = float(cost_t[pos].sum())
+    top = len(menu) - 1
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    while used > budget:
+        down = pos.clamp(min=1) - 1
+        ratio = (model(down) - model(pos)) / (cost_t[pos] - cost_t[down])
+        j = int(torch.where(pos > 0, ratio, inf).argmin())
+        used -= float(cost_t[pos[j]] - cost_t[pos[j] - 1])
+        pos[j] -= 1
+    while True:
+        up = (pos + 1).clamp(max=top)
+        dc = cost_t[up] - cost_t[pos]
+        gain = (model(pos) - model(up)) / dc.clamp(min=1)
+        ok = (pos < top) & (used + dc <= budget) & live & (gain > 0)
+        if not ok.any():
+            break
+        j = int(torch.where(ok, gain, -inf).argmax())
+        used += float(dc[j])
+        pos[j] += 1
+    return torch.tensor([menu[p] for p in pos.tolist()], dtype=torch.int64)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quantkit.alloc.table import CostTable
+from quantkit.alloc.table import CostTable, repair
 from quantkit.registry import register
 
 
@@ -75,6 +75,11 @@ def _gcd(a: int, b: int) -> int:
 
 @register("allocator", "pareto")
 def pareto_allocate(table: CostTable, bits_per_weight: float) -> Tensor:
-    """The frontier's point for the budget."""
+    """The frontier's point for the budget, then upgrades into what grid rounding left over.
+
+    Sizes rounded up to the grid can strand up to one unit per layer of the budget; the exact
+    greedy fill spends it (cost only goes down; on a gcd grid nothing is left to spend).
+    """
     table.check_feasible(bits_per_weight)
-    return frontier(table, table.budget_bits(bits_per_weight)).choice()
+    return repair(table, frontier(table, table.budget_bits(bits_per_weight)).choice(),
+                  bits_per_weight)

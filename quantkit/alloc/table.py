@@ -40,6 +40,36 @@ class CostTable:
         return {name: self.options[int(o)] for name, o in zip(self.layers, choice)}
 
 
+def repair(table: CostTable, choice: Tensor, bits_per_weight: float) -> Tensor:
+    """Greedy fix of a rounded choice: cheapest downgrades until it fits, then best upgrades that fit."""
+    budget = table.budget_bits(bits_per_weight)
+    order = torch.argsort(table.size, dim=1)           # options of each layer, smallest first
+    rank = torch.argsort(order, dim=1)
+    pos = rank.gather(1, choice[:, None]).squeeze(1).clone()
+    L, O = table.size.shape
+    used = float(table.size.gather(1, choice[:, None]).sum())
+
+    def step(l: int, d: int) -> tuple[float, float]:
+        a, b = int(order[l, pos[l]]), int(order[l, pos[l] + d])
+        return float(table.cost[l, b] - table.cost[l, a]), float(table.size[l, b] - table.size[l, a])
+
+    while used > budget + 1e-6:
+        cands = [(dc / max(-ds, 1e-12), l) for l in range(L) if pos[l] > 0
+                 for dc, ds in [step(l, -1)]]
+        _, l = min(cands)
+        used += step(l, -1)[1]
+        pos[l] -= 1
+    while True:
+        cands = [(dc / max(ds, 1e-12), l) for l in range(L) if pos[l] < O - 1
+                 for dc, ds in [step(l, 1)] if used + ds <= budget + 1e-6 and dc < 0]
+        if not cands:
+            break
+        _, l = min(cands)
+        used += step(l, 1)[1]
+        pos[l] += 1
+    return order.gather(1, pos[:, None]).squeeze(1)
+
+
 def total(table: CostTable, choice: Tensor) -> tuple[float, float]:
     """(cost, size) of a choice [L] of option indices."""
     idx = choice[:, None].long()

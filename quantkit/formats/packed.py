@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from quantkit.formats.packing import pack, unpack
+from quantkit.formats.packing import pack, radix_pack, radix_unpack, radix_words, unpack
 
 Dequantizer = Callable[["PackedLinear"], Tensor]
 FORMATS: dict[str, Dequantizer] = {}
@@ -70,10 +70,9 @@ def make_int(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
     return PackedLinear("int", (out_f, in_f), tensors, meta)
 
 
-def int_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Unpacked (codes [out,in], scales fp32 [out,G], zeros fp32 [out,G], g_idx [in])."""
+def grid_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor]:
+    """Scales fp32 [out,G], zeros fp32 [out,G] and g_idx [in] of an affine group grid."""
     bits, in_f = p.meta["bits"], p.shape[1]
-    codes = unpack(p.tensors["qweight"], bits, in_f)
     scales = p.tensors["scales"].float()
     if "qzeros" in p.tensors:
         zeros = unpack(p.tensors["qzeros"], bits, scales.shape[1]).float()
@@ -81,11 +80,57 @@ def int_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         zeros = torch.full_like(scales, float(1 << (bits - 1)))
     g_idx = p.tensors.get("g_idx")
     if g_idx is None:
-        g_idx = group_index(in_f, p.meta["group_size"], codes.device)
-    return codes, scales, zeros, g_idx.long()
+        g_idx = group_index(in_f, p.meta["group_size"], scales.device)
+    return scales, zeros, g_idx.long()
+
+
+def int_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unpacked (codes [out,in], scales fp32 [out,G], zeros fp32 [out,G], g_idx [in])."""
+    return (unpack(p.tensors["qweight"], p.meta["bits"], p.shape[1]), *grid_parts(p))
 
 
 @register_format("int")
 def _dequantize_int(p: PackedLinear) -> Tensor:
     codes, scales, zeros, g_idx = int_parts(p)
     return (codes.float() - zeros[:, g_idx]) * scales[:, g_idx]
+
+
+def make_levels(codes: Tensor, levels: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                group_size: int, g_idx: Tensor | None = None) -> PackedLinear:
+    """BAQ's per-column level counts on an affine group grid fitted at `bits`.
+
+    Column j holds levels[j] values w = (q·r_j - zero[g])·scale[g], r_j = (2^bits-1)/(levels[j]-1),
+    radix-packed column by column (levels[j] = 1: nothing stored, the column is 0).
+    Stored: codes, levels - 1 (uint8), and scales/zeros/g_idx as the "int" format stores them.
+    """
+    out_f, in_f = codes.shape
+    base = make_int(torch.zeros_like(codes), scales, zeros, bits, group_size, g_idx)
+    tensors = {k: v for k, v in base.tensors.items() if k != "qweight"}
+    cols = codes.t()
+    parts = [radix_pack(cols[j:j + 1], int(m)).reshape(-1) for j, m in enumerate(levels.tolist())]
+    tensors["qweight"] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+    tensors["levels"] = (levels - 1).to(torch.uint8)
+    return PackedLinear("int-levels", (out_f, in_f), tensors, dict(base.meta))
+
+
+def levels_storage_bits(out_features: int, levels: list[int]) -> int:
+    """Bits of the packed codes of a column-level allocation (what make_levels stores)."""
+    return 32 * sum(radix_words(out_features, m) for m in levels)
+
+
+@register_format("int-levels")
+def _dequantize_levels(p: PackedLinear) -> Tensor:
+    out_f, in_f = p.shape
+    levels = p.tensors["levels"].long() + 1
+    q = torch.zeros(out_f, in_f, dtype=torch.float32, device=levels.device)
+    words = p.tensors["qweight"]
+    pos = 0
+    for j, m in enumerate(levels.tolist()):
+        nw = radix_words(out_f, m)
+        q[:, j] = radix_unpack(words[pos:pos + nw][None], m, out_f)[0].float()
+        pos += nw
+    scales, zeros, g_idx = grid_parts(p)
+    maxq = (1 << p.meta["bits"]) - 1
+    ratio = torch.where(levels > 1, maxq / (levels - 1).clamp(min=1).float(), 0.0)
+    W = (q * ratio - zeros[:, g_idx]) * scales[:, g_idx]
+    return torch.where(levels > 1, W, torch.zeros_like(W))

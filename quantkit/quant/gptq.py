@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.packed import PackedLinear, make_int, n_groups
+from quantkit.alloc.baq import column_levels
+from quantkit.formats.packed import PackedLinear, make_int, make_levels, n_groups
+from quantkit.formats.packing import words_per_row
 from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width
 from quantkit.quant.grid import fit_grid
 from quantkit.registry import register
@@ -43,12 +45,18 @@ def _blocks(in_f: int, gw: int, dynamic: bool, block: int, inner: int) -> tuple[
     return outer, math.gcd(inner, gw)       # divides the group width
 
 
-def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
-               inner: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int = 16,
+               levels: Tensor | None = None, col_loss: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GPTQ on W [out, in] with Hessian H [in, in].
 
     Returns codes [out, in] (original column order), scales and zeros [out, G], and g_idx
     [in]: the group of each column.
+
+    levels [in] (BAQ): column j gets levels[j] grid points spread over its group's range,
+    w = (q·r - z)·s with r = (2^bits - 1)/(levels[j] - 1) and q < levels[j]; one level prunes
+    the column to 0. All levels = 2^bits is plain GPTQ. col_loss [in], when given, receives
+    each column's share of the GPTQ loss, Σ_rows (w - ŵ)² / [H⁻¹]_jj.
     """
     out_f, in_f = W.shape
     W, H = W.float().clone(), H.float().clone()
@@ -79,6 +87,10 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
     st, zt = scales.t().contiguous(), zeros.t().contiguous()
     col_group = None if dynamic else g_idx.tolist()
     diag = U.diagonal().tolist()
+    if levels is not None:
+        lv = (levels if perm is None else levels[perm]).tolist()
+        ratio = [maxq / (m - 1) if m > 1 else 0.0 for m in lv]
+    losses = torch.empty(in_f, device=W.device) if col_loss is not None else None
     for i1 in range(0, in_f, outer):
         i2 = min(i1 + outer, in_f)
         err = torch.empty(i2 - i1, out_f, device=W.device)
@@ -94,14 +106,23 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
                     g = col_group[j]
                 s, z = st[g], zt[g]
                 w = Wt[j]
-                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                if levels is None or ratio[j] == 1.0:
+                    q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                    deq = (q - z) * s
+                elif ratio[j]:
+                    q = torch.clamp(torch.round((w / s + z) / ratio[j]), 0, lv[j] - 1)
+                    deq = (q * ratio[j] - z) * s
+                else:
+                    q = deq = torch.zeros_like(w)
                 codes_t[j] = q
-                e = torch.sub(w, (q - z) * s).div_(diag[j])
+                e = torch.sub(w, deq).div_(diag[j])
                 err[j - i1] = e
                 if j + 1 < k2:
                     Wt[j + 1:k2].addr_(U[j, j + 1:k2], e, alpha=-1)
             if k2 < i2:
                 Wt[k2:i2].addmm_(U[k1:k2, k2:i2].t(), err[k1 - i1:k2 - i1], alpha=-1)
+        if losses is not None:
+            losses[i1:i2] = (err * err).sum(1)
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1)
     scales, zeros = st.t().contiguous(), zt.t().contiguous()
@@ -111,6 +132,10 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128,
     if perm is not None:
         inv = torch.argsort(perm)
         codes, g_idx = codes[:, inv], g_idx[inv]
+        if losses is not None:
+            losses = losses[inv]
+    if col_loss is not None:
+        col_loss.copy_(losses)
     return codes.to(torch.int32).contiguous(), scales, zeros, g_idx
 
 
@@ -121,3 +146,20 @@ def gptq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
         raise QuantkitError("GPTQ needs calibration statistics (a Hessian)")
     codes, scales, zeros, g_idx = gptq_codes(W, stats.H, spec)
     return make_int(codes, scales, None if spec.sym else zeros, spec.bits, spec.group_size, g_idx)
+
+
+@register("compressor", "gptq-baq")
+def gptq_baq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
+    """BAQ: GPTQ at spec.bits measures each column's loss, the closed form reallocates levels
+    across columns within the same stored size as plain GPTQ, and GPTQ runs again with them."""
+    if stats is None:
+        raise QuantkitError("GPTQ-BAQ needs calibration statistics (a Hessian)")
+    out_f, in_f = W.shape
+    loss = torch.empty(in_f, device=W.device)
+    gptq_codes(W, stats.H, spec, col_loss=loss)
+    # same stored size as GPTQ's packed codes, less one byte per column for its level count
+    budget = 32 * out_f * words_per_row(in_f, spec.bits) - 8 * in_f
+    levels = column_levels(loss.cpu(), out_f, spec.bits, budget).to(W.device)
+    codes, scales, zeros, g_idx = gptq_codes(W, stats.H, spec, levels=levels)
+    return make_levels(codes, levels, scales, None if spec.sym else zeros, spec.bits,
+                       spec.group_size, g_idx)
