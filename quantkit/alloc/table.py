@@ -42,30 +42,30 @@ class CostTable:
 
 def repair(table: CostTable, choice: Tensor, bits_per_weight: float) -> Tensor:
     """Greedy fix of a rounded choice: cheapest downgrades until it fits, then best upgrades that fit."""
-    budget = table.budget_bits(bits_per_weight)
+    budget = table.budget_bits(bits_per_weight) + 1e-6
     order = torch.argsort(table.size, dim=1)           # options of each layer, smallest first
-    rank = torch.argsort(order, dim=1)
-    pos = rank.gather(1, choice[:, None]).squeeze(1).clone()
-    L, O = table.size.shape
-    used = float(table.size.gather(1, choice[:, None]).sum())
+    size, cost = table.size.gather(1, order), table.cost.gather(1, order)
+    pos = torch.argsort(order, dim=1).gather(1, choice[:, None]).squeeze(1).clone()
+    rows = torch.arange(len(pos))
+    top = size.shape[1] - 1
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    used = float(size[rows, pos].sum())
 
-    def step(l: int, d: int) -> tuple[float, float]:
-        a, b = int(order[l, pos[l]]), int(order[l, pos[l] + d])
-        return float(table.cost[l, b] - table.cost[l, a]), float(table.size[l, b] - table.size[l, a])
+    def step(to: Tensor) -> tuple[Tensor, Tensor]:
+        return cost[rows, to] - cost[rows, pos], size[rows, to] - size[rows, pos]
 
-    while used > budget + 1e-6:
-        cands = [(dc / max(-ds, 1e-12), l) for l in range(L) if pos[l] > 0
-                 for dc, ds in [step(l, -1)]]
-        _, l = min(cands)
-        used += step(l, -1)[1]
+    while used > budget:
+        dc, ds = step((pos - 1).clamp(min=0))
+        l = int(torch.where(pos > 0, dc / (-ds).clamp(min=1e-12), inf).argmin())
+        used += float(ds[l])
         pos[l] -= 1
     while True:
-        cands = [(dc / max(ds, 1e-12), l) for l in range(L) if pos[l] < O - 1
-                 for dc, ds in [step(l, 1)] if used + ds <= budget + 1e-6 and dc < 0]
-        if not cands:
+        dc, ds = step((pos + 1).clamp(max=top))
+        ok = (pos < top) & (used + ds <= budget) & (dc < 0)
+        if not ok.any():
             break
-        _, l = min(cands)
-        used += step(l, 1)[1]
+        l = int(torch.where(ok, dc / ds.clamp(min=1e-12), inf).argmin())
+        used += float(ds[l])
         pos[l] += 1
     return order.gather(1, pos[:, None]).squeeze(1)
 
