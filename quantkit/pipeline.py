@@ -156,6 +156,17 @@ def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list
     return cost_table(model, batches, options, compressor, device, price, progress)
 
 
+def first_samples(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first n calibration windows, as batches."""
+    out, k = [], 0
+    for b in batches:
+        if k >= n:
+            break
+        out.append(b[:n - k])
+        k += len(out[-1])
+    return out
+
+
 def _param_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():
@@ -198,8 +209,8 @@ def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
     _check(recipe)
     model, _, _, batches, names, device = _setup(recipe, True)
     options = [base_spec(recipe, b) for b in recipe.bit_options]
-    return build_table(model, batches, names, options, recipe.sensitivity,
-                       registry.get("compressor", recipe.method), device, progress)
+    return build_table(model, first_samples(batches, recipe.calib.table_samples), names, options,
+                       recipe.sensitivity, registry.get("compressor", recipe.method), device, progress)
 
 
 def allocate(recipe: Recipe, table: CostTable):
@@ -223,8 +234,8 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
         recipe, mixed or getattr(compressor, "needs_stats", True))
     if mixed:
         if table is None:
-            table = build_table(model, batches, layer_names, options, recipe.sensitivity,
-                                compressor, device, progress)
+            table = build_table(model, first_samples(batches, recipe.calib.table_samples),
+                                layer_names, options, recipe.sensitivity, compressor, device, progress)
         choice = allocate(recipe, table)
         plan = table.as_plan(choice)
         if recipe.report:

@@ -18,6 +18,7 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 512
     batch_size: int = 8
+    table_samples: int = 32         # windows (the first ones) the mixed-precision cost table uses
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Recipe:
     method: str = "gptq"
     bits: float = 4                 # uniform: the bit width; otherwise the average budget
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    sensitivity: str = "hessian"    # hessian | fisher: how the cost table prices errors
+    sensitivity: str = "hessian"    # hessian | fisher | trace | kl: how the cost table prices errors
     group_size: int = 128
     sym: bool = False
     act_order: bool = True

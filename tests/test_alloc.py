@@ -155,3 +155,11 @@ def test_cost_tables_price_more_bits_as_cheaper_errors():
         assert torch.all(table.size[:, 0] < table.size[:, 1]) and torch.all(table.size[:, 1] < table.size[:, 2])
     # the table is built on the unquantized model: weights are left as they were
     assert torch.equal(model.get_submodule(names[0]).weight, tiny_model("llama").get_submodule(names[0]).weight)
+
+
+def test_cost_table_uses_the_first_calibration_windows():
+    from quantkit.pipeline import first_samples
+    batches = [torch.arange(8 * 3).reshape(8, 3), torch.arange(8 * 3).reshape(8, 3) + 100]
+    got = first_samples(batches, 10)
+    assert [len(b) for b in got] == [8, 2] and torch.equal(got[1], batches[1][:2])
+    assert sum(len(b) for b in first_samples(batches, 99)) == 16
