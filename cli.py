@@ -88,7 +88,8 @@ def cmd_quantize(a) -> dict:
                                              "eval.dataset": a.eval_dataset,
                                              "eval.max_windows": a.max_windows})
     name = Path(a.target).stem if a.model is None else Path(r.model).name
-    r = r.with_overrides(out=a.out or f"out/{name}-w{r.bits}-g{r.group_size}-{r.method}")
+    mixed = "" if r.alloc == "uniform" else f"-{r.alloc}"
+    r = r.with_overrides(out=a.out or f"out/{name}-w{r.bits}-g{r.group_size}-{r.method}{mixed}")
     eval_text = load_text(r.eval.dataset, "eval") if a.eval else None  # fail before the long work
     rep = run(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}

@@ -186,6 +186,8 @@ def _check(recipe: Recipe) -> None:
     if recipe.sensitivity not in SENSITIVITIES:
         raise QuantkitError(f"unknown sensitivity {recipe.sensitivity!r}; choose one of: "
                             f"{', '.join(SENSITIVITIES)}")
+    for bits in recipe.bit_options if mixed else [recipe.bits]:   # bad specs fail before loading
+        base_spec(recipe, bits)
 
 
 def _setup(recipe: Recipe, need_data: bool):
@@ -204,13 +206,18 @@ def _setup(recipe: Recipe, need_data: bool):
     return model, tokenizer, source, batches, layer_names, device
 
 
+def _recipe_table(recipe: Recipe, model: nn.Module, batches: list[torch.Tensor], names: list[str],
+                  device: torch.device, progress: bool) -> CostTable:
+    options = [base_spec(recipe, b) for b in recipe.bit_options]
+    return build_table(model, first_samples(batches, recipe.calib.table_samples), names, options,
+                       recipe.sensitivity, registry.get("compressor", recipe.method), device, progress)
+
+
 def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
     """The cost table a mixed-precision run of this recipe would build (to reuse via run(table=))."""
     _check(recipe)
     model, _, _, batches, names, device = _setup(recipe, True)
-    options = [base_spec(recipe, b) for b in recipe.bit_options]
-    return build_table(model, first_samples(batches, recipe.calib.table_samples), names, options,
-                       recipe.sensitivity, registry.get("compressor", recipe.method), device, progress)
+    return _recipe_table(recipe, model, batches, names, device, progress)
 
 
 def allocate(recipe: Recipe, table: CostTable):
@@ -229,19 +236,18 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
     _check(recipe)
     compressor = registry.get("compressor", recipe.method)
     mixed = recipe.alloc != "uniform"
-    options = [base_spec(recipe, b) for b in recipe.bit_options] if mixed else [base_spec(recipe)]
     model, tokenizer, source, batches, layer_names, device = _setup(
         recipe, mixed or getattr(compressor, "needs_stats", True))
     if mixed:
         if table is None:
-            table = build_table(model, first_samples(batches, recipe.calib.table_samples),
-                                layer_names, options, recipe.sensitivity, compressor, device, progress)
+            table = _recipe_table(recipe, model, batches, layer_names, device, progress)
         choice = allocate(recipe, table)
         plan = table.as_plan(choice)
         if recipe.report:
             write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
     else:
-        plan = {name: options[0] for name in layer_names}
+        spec = base_spec(recipe)
+        plan = {name: spec for name in layer_names}
     packed, info = compress_model(model, batches, plan, compressor, device,
                                   recipe.true_sequential, recipe.fp_target, progress)
     model.to("cpu")
