@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/alloc_results.json")
     ap.add_argument("--table-cache", default=None, help="directory to keep/reuse cost tables (.pt)")
     a = ap.parse_args()
-    base = load_recipe("llama").with_overrides(group_size=128, method="gptq", out=None,
-                                               **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)})
+    sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    base = load_recipe("llama").with_overrides(**{"group_size": 128, "method": "gptq", "out": None, **sets})
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     results["recipe"] = base.to_dict()
