@@ -164,7 +164,8 @@ def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     assert s["bits_per_weight"] <= 3.5 + 1e-9
     layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
     assert len({v["bits"] for v in layers.values()}) > 1          # really mixed
-    assert {v["format"] for v in layers.values()} == {"int-levels" if "columns" in alloc else "int"}
+    formats = {v["format"] for v in layers.values()}
+    assert formats <= ({"int", "int-levels"} if "columns" in alloc else {"int"})
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     ref, fast = quantkit.load(out, kernel="reference"), quantkit.load(out)
     with torch.no_grad():

@@ -171,6 +171,10 @@ def test_baq_columns_beat_gptq_within_its_size(bits):
     plain, baq = gptq(W, stats, spec), gptq_baq(W, stats, spec)
     assert baq.format == "int-levels" and baq.storage_bits() <= plain.storage_bits()
     assert proxy(W, baq.dequantize(), H) < 0.8 * proxy(W, plain.dequantize(), H)
+    # where the reallocation does not pay (uniform columns), plain GPTQ's result is kept
+    W2, H2 = layer(out_f=64, in_f=256)
+    assert proxy(W2, gptq_baq(W2, LayerStats(H2, 2000), spec).dequantize(), H2) <= \
+        proxy(W2, gptq(W2, LayerStats(H2, 2000), spec).dequantize(), H2)
 
 
 def test_column_levels_closed_form_and_budget():

@@ -149,17 +149,28 @@ def gptq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
 
 
 @register("compressor", "gptq-baq")
-def gptq_baq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
+def gptq_baq(W: Tensor, stats: LayerStats | None, spec: QSpec, keep_better: bool = True) -> PackedLinear:
     """BAQ: GPTQ at spec.bits measures each column's loss, the closed form reallocates levels
-    across columns within the same stored size as plain GPTQ, and GPTQ runs again with them."""
+    across columns within the same stored size as plain GPTQ, and GPTQ runs again with them.
+
+    The rate-loss model does not hold for every layer (on SmolLM2 it halves some layers' proxy
+    loss and raises others' by up to a third), so the plain GPTQ result of the first pass is
+    kept where it has the lower proxy loss tr(E H Eᵀ) (unless keep_better is False).
+    """
     if stats is None:
         raise QuantkitError("GPTQ-BAQ needs calibration statistics (a Hessian)")
     out_f, in_f = W.shape
     loss = torch.empty(in_f, device=W.device)
-    gptq_codes(W, stats.H, spec, col_loss=loss)
+    codes, scales, zeros, g_idx = gptq_codes(W, stats.H, spec, col_loss=loss)
+    plain = make_int(codes, scales, None if spec.sym else zeros, spec.bits, spec.group_size, g_idx)
     # same stored size as GPTQ's packed codes, less one byte per column for its level count
     budget = 32 * out_f * words_per_row(in_f, spec.bits) - 8 * in_f
     levels = column_levels(loss.cpu(), out_f, spec.bits, budget).to(W.device)
     codes, scales, zeros, g_idx = gptq_codes(W, stats.H, spec, levels=levels)
-    return make_levels(codes, levels, scales, None if spec.sym else zeros, spec.bits,
-                       spec.group_size, g_idx)
+    baq = make_levels(codes, levels, scales, None if spec.sym else zeros, spec.bits,
+                      spec.group_size, g_idx)
+
+    def proxy(p: PackedLinear) -> float:
+        E = W - p.dequantize()
+        return float((E @ stats.H * E).sum())
+    return baq if not keep_better or proxy(baq) < proxy(plain) else plain
