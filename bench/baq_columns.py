@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,11 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from quantkit.calib.text import calibration_batches  # noqa: E402
-from quantkit.model.discovery import linears, weight_matrix  # noqa: E402
 from quantkit.model.loader import load_model  # noqa: E402
-from quantkit.model.runner import collect_hessians, input_groups, walk_blocks  # noqa: E402
 from quantkit.quant.base import QSpec  # noqa: E402
 from quantkit.quant.gptq import gptq, gptq_baq  # noqa: E402
+from quantkit.stats.sensitivity import unquantized_layers  # noqa: E402
 
 
 def main() -> None:
@@ -36,30 +36,21 @@ def main() -> None:
     batches = calibration_batches(tok, "austen", a.n_samples, 512, 0, 8)
     want = {int(b) for b in a.blocks.split(",")}
     rows, sums = [], {}
-    for i, prefix, block, inputs in walk_blocks(model, batches, torch.device("cpu"), "blocks", False):
-        if i not in want:
-            continue
-        mods = linears(block)
-        groups = input_groups(block, inputs)
-        accs = collect_hessians(block, inputs, groups, stop_early=False)
-        for group in groups:
-            stats = accs[group[0]].finalize()
-            for n in group:
-                W = weight_matrix(mods[n]).detach().float()
-                for bits in (int(b) for b in a.bits.split(",")):
-                    spec = QSpec(bits=bits, group_size=128)
-                    res = {"layer": f"{prefix}.{n}", "bits": bits}
-                    for name, fn in (("gptq", gptq), ("baq", gptq_baq)):
-                        t = time.perf_counter()
-                        p = fn(W, stats, spec)
-                        E = W - p.dequantize()
-                        res[name] = {"proxy": float((E @ stats.H * E).sum()), "bpw": p.bits_per_weight,
-                                     "seconds": time.perf_counter() - t}
-                    res["ratio"] = res["baq"]["proxy"] / res["gptq"]["proxy"]
-                    sums.setdefault(bits, []).append(res["ratio"])
-                    rows.append(res)
-                    print(f"{res['layer']:40s} {bits}b  baq/gptq proxy {res['ratio']:.3f}  bpw "
-                          f"{res['baq']['bpw']:.4f} vs {res['gptq']['bpw']:.4f}", flush=True)
+    for name, W, stats in unquantized_layers(model, batches, torch.device("cpu"), False, want):
+        for bits in (int(b) for b in a.bits.split(",")):
+            spec = QSpec(bits=bits, group_size=128)
+            res = {"layer": name, "bits": bits}
+            for meth, fn in (("gptq", gptq), ("baq", partial(gptq_baq, keep_better=False))):
+                t = time.perf_counter()
+                p = fn(W, stats, spec)
+                E = W - p.dequantize()
+                res[meth] = {"proxy": float((E @ stats.H * E).sum()), "bpw": p.bits_per_weight,
+                             "seconds": time.perf_counter() - t}
+            res["ratio"] = res["baq"]["proxy"] / res["gptq"]["proxy"]
+            sums.setdefault(bits, []).append(res["ratio"])
+            rows.append(res)
+            print(f"{res['layer']:40s} {bits}b  baq/gptq proxy {res['ratio']:.3f}  bpw "
+                  f"{res['baq']['bpw']:.4f} vs {res['gptq']['bpw']:.4f}", flush=True)
     summary = {b: {"median_ratio": float(torch.tensor(v).median()), "min": min(v), "max": max(v)}
                for b, v in sums.items()}
     print(json.dumps(summary, indent=1))

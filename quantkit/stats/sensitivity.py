@@ -74,28 +74,38 @@ def trace_price(traces: dict[str, float]) -> Price:
 
 
 @torch.no_grad()
-def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], quantizer,
-               device: torch.device, price: Price = hessian_price,
-               progress: bool = True) -> CostTable:
-    """Quantize every linear at every option on the unquantized model's statistics."""
-    names, cost, size, weights = [], [], [], []
-    for _, prefix, block, inputs in walk_blocks(model, batches, device, "sensitivity", progress):
+def unquantized_layers(model: nn.Module, batches: list[Tensor], device: torch.device,
+                       progress: bool = True, blocks: set[int] | None = None):
+    """Yield (qualified name, fp32 weight [out, in], LayerStats) of every linear, block by block,
+    with statistics of the unquantized model's inputs (only the listed blocks when given)."""
+    for i, prefix, block, inputs in walk_blocks(model, batches, device, "sensitivity", progress):
+        if blocks is not None and i not in blocks:
+            continue
         mods = linears(block)
         groups = input_groups(block, inputs)
         accs = collect_hessians(block, inputs, groups, stop_early=False)
         for group in groups:
             stats = accs[group[0]].finalize()
             for n in group:
-                W = weight_matrix(mods[n]).detach().float()
-                row_c, row_s = [], []
-                for spec in options:
-                    p = quantizer(W, stats, spec)
-                    row_c.append(price(f"{prefix}.{n}", W - p.dequantize(), stats.H))
-                    row_s.append(p.storage_bits())
-                names.append(f"{prefix}.{n}")
-                cost.append(row_c)
-                size.append(row_s)
-                weights.append(W.numel())
+                yield f"{prefix}.{n}", weight_matrix(mods[n]).detach().float(), stats
+
+
+@torch.no_grad()
+def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], quantizer,
+               device: torch.device, price: Price = hessian_price,
+               progress: bool = True) -> CostTable:
+    """Quantize every linear at every option on the unquantized model's statistics."""
+    names, cost, size, weights = [], [], [], []
+    for name, W, stats in unquantized_layers(model, batches, device, progress):
+        row_c, row_s = [], []
+        for spec in options:
+            p = quantizer(W, stats, spec)
+            row_c.append(price(name, W - p.dequantize(), stats.H))
+            row_s.append(p.storage_bits())
+        names.append(name)
+        cost.append(row_c)
+        size.append(row_s)
+        weights.append(W.numel())
     return CostTable(names, list(options), torch.tensor(cost, dtype=torch.float64),
                      torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
 
