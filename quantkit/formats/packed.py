@@ -61,13 +61,19 @@ def make_int(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
     stored only when it differs from contiguous groups (act-order without static groups).
     """
     out_f, in_f = codes.shape
-    tensors = {"qweight": pack(codes, bits), "scales": scales.to(torch.float16).contiguous()}
+    tensors = {"qweight": pack(codes, bits), **_grid_tensors(in_f, scales, zeros, bits, group_size, g_idx)}
+    meta = {"bits": bits, "group_size": group_size, "sym": zeros is None}
+    return PackedLinear("int", (out_f, in_f), tensors, meta)
+
+
+def _grid_tensors(in_f: int, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
+                  g_idx: Tensor | None) -> dict[str, Tensor]:
+    tensors = {"scales": scales.to(torch.float16).contiguous()}
     if zeros is not None:
         tensors["qzeros"] = pack(zeros.to(torch.int64), bits)
     if g_idx is not None and not torch.equal(g_idx.int(), group_index(in_f, group_size, g_idx.device)):
         tensors["g_idx"] = g_idx.to(torch.int32).contiguous()
-    meta = {"bits": bits, "group_size": group_size, "sym": zeros is None}
-    return PackedLinear("int", (out_f, in_f), tensors, meta)
+    return tensors
 
 
 def grid_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,13 +110,13 @@ def make_levels(codes: Tensor, levels: Tensor, scales: Tensor, zeros: Tensor | N
     Stored: codes, levels - 1 (uint8), and scales/zeros/g_idx as the "int" format stores them.
     """
     out_f, in_f = codes.shape
-    base = make_int(torch.zeros_like(codes), scales, zeros, bits, group_size, g_idx)
-    tensors = {k: v for k, v in base.tensors.items() if k != "qweight"}
+    tensors = _grid_tensors(in_f, scales, zeros, bits, group_size, g_idx)
     cols = codes.t()
     parts = [radix_pack(cols[j:j + 1], int(m)).reshape(-1) for j, m in enumerate(levels.tolist())]
     tensors["qweight"] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
     tensors["levels"] = (levels - 1).to(torch.uint8)
-    return PackedLinear("int-levels", (out_f, in_f), tensors, dict(base.meta))
+    meta = {"bits": bits, "group_size": group_size, "sym": zeros is None}
+    return PackedLinear("int-levels", (out_f, in_f), tensors, meta)
 
 
 def levels_storage_bits(out_features: int, levels: list[int]) -> int:
