@@ -1,4 +1,4 @@
-"""quantkit command line: quantize | eval | inspect."""
+"""quantkit command line: quantize | eval | inspect | export | bench."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,16 @@ def _options(v: str) -> list[int]:
     if not opts or any(b not in (2, 3, 4, 8) for b in opts):
         raise argparse.ArgumentTypeError(f"bit options must be among 2, 3, 4, 8 (got {v})")
     return opts
+
+
+def _ints(v: str) -> list[int]:
+    try:
+        out = [int(x) for x in v.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,16 (got {v})")
+    return out
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
     i = sub.add_parser("inspect", help="per-layer bits, group size and effective bits per weight")
     i.add_argument("target")
+    x = sub.add_parser("export", help="rewrite a checkpoint for other tools (vLLM, GPTQ loaders)")
+    x.add_argument("target", help="a quantkit checkpoint directory")
+    x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized) | gptq (v1)")
+    x.add_argument("--out", required=True, help="output directory")
+    b = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory vs the fp32 and bf16 model")
+    b.add_argument("target", help="a quantkit checkpoint directory")
+    b.add_argument("--batch", type=_ints, default=[1, 16], help="batch sizes (default 1,16)")
+    b.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    b.add_argument("--tokens", type=int, default=128, help="decoded tokens per sequence (default 128)")
+    b.add_argument("--repeats", type=int, default=3, help="best of N runs (default 3)")
+    b.add_argument("--variants", type=lambda v: v.split(","), default=["quantized", "fp32", "bf16"])
+    b.add_argument("--kernel", default="auto", help="auto (default) or a kernel name, e.g. reference")
+    b.add_argument("--device", help="cpu (default) or cuda")
+    b.add_argument("--json", help="write the results to this JSON file")
     return ap
 
 
@@ -172,11 +196,46 @@ def cmd_inspect(a) -> dict:
     return {"layers": len(layers), "weights": total_w, "bits_per_weight": bpw}
 
 
+def cmd_export(a) -> dict:
+    from quantkit.formats.export import export
+    res = export(a.target, a.out, a.format)
+    print(f"exported {res['layers']} linears ({', '.join(f'{n} {k}' for k, n in res['schemes'].items())}) "
+          f"as {a.format} -> {a.out}")
+    if res["promoted_to_8_bits"]:
+        print(f"note: {len(res['promoted_to_8_bits'])} layers stored at 8 bits (same values) because a layer "
+              f"fused with them is 8-bit: {', '.join(res['promoted_to_8_bits'][:6])}"
+              + (" ..." if len(res["promoted_to_8_bits"]) > 6 else ""))
+    return res
+
+
+def cmd_bench(a) -> dict:
+    from quantkit.benchmark import VARIANTS, bench
+    from quantkit.errors import QuantkitError
+    from quantkit.pipeline import check_device
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad:
+        raise QuantkitError(f"unknown variants {bad}; choose among {', '.join(VARIANTS)}")
+    device = str(check_device(a.device or "cpu"))
+    res = bench(a.target, a.batch, a.prompt, a.tokens, device, a.kernel, a.variants, a.repeats)
+    print(f"{'variant':10s} {'batch':>5s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak MiB':>9s}")
+    for v, r in res["variants"].items():
+        for bsz, m in r["batches"].items():
+            print(f"{v:10s} {bsz:>5s} {m['prefill_tok_s']:14.1f} {m['decode_tok_s']:13.1f} "
+                  f"{r['peak_rss_mib']:9.1f}")
+    for base in ("fp32", "bf16"):
+        if f"decode_speedup_vs_{base}" in res:
+            print(f"decode speedup at batch {a.batch[0]} vs {base}: {res[f'decode_speedup_vs_{base}']:.2f}x")
+    if "rss_over_file" in res:
+        print(f"quantized peak resident memory {res['rss_over_file']:.2f}x its file ({res['file_mib']:.1f} MiB)")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     from quantkit.errors import QuantkitError
     a = build_parser().parse_args(argv)
     try:
-        out = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[a.cmd](a)
+        out = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,
+               "bench": cmd_bench}[a.cmd](a)
         _write_json(getattr(a, "json", None), out)
     except QuantkitError as e:
         print(f"quantkit: error: {e}", file=sys.stderr)

@@ -1,9 +1,12 @@
 """quantkit.load: a packed checkpoint back as a transformers model with QuantLinear layers."""
 from __future__ import annotations
 
+import ctypes
+import gc
 from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.io import load_tensors, packed_from_tensors, read_manifest
@@ -12,8 +15,31 @@ from quantkit.model.loader import build_empty
 from quantkit.nn.qlinear import QuantLinear, replace_linear
 
 
-def load(path: str | Path, device: str = "cpu", kernel: str = "auto") -> nn.Module:
-    """Load a quantkit checkpoint; `kernel` forces one kernel ('reference' is the oracle)."""
+def install_quant_linears(model: nn.Module, manifest: dict, tensors: dict[str, Tensor],
+                          kernel: str = "auto") -> None:
+    """Swap each manifest layer for a QuantLinear holding its tensors (popped from `tensors`).
+
+    The tensors may be on the meta device (from_pretrained fills them in afterwards).
+    """
+    for name, p in packed_from_tensors(tensors, manifest).items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise QuantkitError(f"checkpoint layer {name} does not exist in {type(model).__name__}") from None
+        if not (isinstance(old, nn.Linear) or (Conv1D and isinstance(old, Conv1D))):
+            raise QuantkitError(f"checkpoint layer {name} is a {type(old).__name__} in this architecture")
+        replace_linear(model, name, QuantLinear(p, tensors.pop(f"{name}.bias", None), kernel))
+
+
+def load(path: str | Path, device: str = "cpu", kernel: str = "auto", dtype=None,
+         keep_packed: bool = False) -> nn.Module:
+    """Load a quantkit checkpoint for serving; `kernel` forces one kernel ('reference' is the oracle).
+
+    `dtype` (e.g. torch.bfloat16) casts the unquantized weights, hence the activations;
+    packed tensors and biases of quantized layers keep their stored dtypes. Kernels are prepared
+    here; unless `keep_packed`, a layer whose kernel holds its own copy drops the packed tensors
+    (half the memory; such a model runs but cannot be moved, dequantized or saved).
+    """
     from transformers import AutoConfig
     path = Path(path)
     if not path.is_dir():
@@ -23,13 +49,11 @@ def load(path: str | Path, device: str = "cpu", kernel: str = "auto") -> nn.Modu
     del config.quantization_config
     model = build_empty(config)
     tensors = load_tensors(path)
-    packed = packed_from_tensors(tensors, manifest)
-    for name, p in packed.items():
-        old = model.get_submodule(name)
-        if not (isinstance(old, nn.Linear) or (Conv1D and isinstance(old, Conv1D))):
-            raise QuantkitError(f"checkpoint layer {name} is a {type(old).__name__} in this architecture")
-        bias = tensors.pop(f"{name}.bias", None)
-        replace_linear(model, name, QuantLinear(p, bias, kernel))
+    install_quant_linears(model, manifest, tensors, kernel)
+    # as from_pretrained(dtype=): checkpoint weights cast, buffers kept; copied out of the file's
+    # memory map so that it closes once the packed tensors are released
+    tensors = {k: t.to(dtype or t.dtype, copy=True) if t.is_floating_point() else t.clone()
+               for k, t in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise QuantkitError(f"{path}: unexpected tensors in checkpoint: {unexpected[:5]}")
@@ -39,4 +63,18 @@ def load(path: str | Path, device: str = "cpu", kernel: str = "auto") -> nn.Modu
     if still_meta:
         raise QuantkitError(f"{path}: checkpoint lacks tensors: {still_meta[:5]}")
     model.config.quantization_config = manifest
-    return model.to(device).eval()
+    model.to(device).eval()
+    gc.collect()
+    for m in model.modules():      # kernels' layouts now, not in the first request
+        if isinstance(m, QuantLinear):
+            m.prepare(torch.device(device).type, release=not keep_packed)
+            _trim_heap()           # each layer's unpacking scratch, before the next one's
+    return model
+
+
+def _trim_heap() -> None:
+    """Hand freed heap back to the OS: glibc otherwise keeps every layer's scratch resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from quantkit.formats.packed import make_int
+from quantkit.formats.packed import int_parts, make_int, make_levels
 from quantkit.kernels import KERNELS, select
 from quantkit.nn.qlinear import QuantLinear
 from quantkit.quant.base import QSpec
@@ -45,11 +45,14 @@ def test_kernels_match_dequantize(shape, bits, gs):
 def test_kernel_table_prefers_fast_paths_and_falls_back_once():
     assert select(packed_layer(64, 576, 3, 128, True, True), "cpu").name == "cpu_int4"
     assert select(packed_layer(64, 576, 8, -1, False, True), "cpu").name == "cpu_int8"
-    grouped8 = packed_layer(64, 576, 8, 64, False, True)
+    assert select(packed_layer(64, 576, 8, 64, True, False), "cpu").name == "cpu_int8"
+    int8 = packed_layer(64, 576, 8, 64, False, True)
+    codes, scales, zeros, g_idx = int_parts(int8)
+    levels = make_levels(codes, torch.full((576,), 256), scales, zeros, 8, 64)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert select(grouped8, "cpu").name == "reference"
-        select(grouped8, "cpu")
+        assert select(levels, "cpu").name == "reference"
+        select(levels, "cpu")
     assert len(w) == 1 and "reference kernel" in str(w[0].message)
 
 

@@ -1,6 +1,7 @@
 """Kernel choice in one table: (format, device type) -> kernels in order of preference.
 
-A kernel is `prepare(packed, bias) -> forward(x)` plus `supports(packed) -> bool`.
+A kernel is `prepare(packed, bias) -> forward(x)` plus `supports(packed) -> bool`; a
+`standalone` kernel keeps its own copy of the weight, so the packed tensors may be dropped.
 Algorithm code never imports this package; only nn/ does.
 """
 from __future__ import annotations
@@ -21,10 +22,11 @@ class Kernel(NamedTuple):
     name: str
     supports: Callable[[PackedLinear], bool]
     prepare: Callable[[PackedLinear, Tensor | None], Forward]
+    standalone: bool = True
 
 
 KERNELS = {k.name: k for k in (
-    Kernel("reference", lambda p: True, reference.prepare),
+    Kernel("reference", lambda p: True, reference.prepare, standalone=False),
     Kernel("cpu_int4", cpu.supports_int4, cpu.prepare_int4),
     Kernel("cpu_int8", cpu.supports_int8, cpu.prepare_int8),
 )}

@@ -67,27 +67,46 @@ def prepare_int4(p: PackedLinear, bias: Tensor | None):
 
 
 def supports_int8(p: PackedLinear) -> bool:
-    return p.format == "int" and p.meta["bits"] == 8 and p.meta["group_size"] <= 0
+    return p.format == "int" and p.meta["bits"] == 8
 
 
 def prepare_int8(p: PackedLinear, bias: Tensor | None):
-    """Per-channel int8: y = x·((q-128)·s)ᵀ + ((128-z)·s)·Σx (zero correction is exact)."""
-    codes, scales, zeros, _ = int_parts(p)
+    """int8 codes, per channel or per group: y = Σ_g (x_g·((q_g-128)·s_g)ᵀ + Σx_g·(128-z_g)·s_g).
+
+    torch's int8 op takes one scale per output channel, so groups run as one call each on
+    contiguous column slices (act-order columns are sorted by group first); the zero-point
+    correction is exact.
+    """
+    codes, scales, zeros, g_idx = int_parts(p)
     out_f, in_f = p.shape
-    k_pad = -(-in_f // 32) * 32  # the op crashes on some K that are not multiples of 16
-    w = F.pad(codes - 128, (0, k_pad - in_f)).to(torch.int8).contiguous()
-    s = scales[:, 0].to(torch.bfloat16)
-    corr = ((128 - zeros[:, 0]) * scales[:, 0]).to(torch.bfloat16)
-    asym = bool((zeros != 128).any())
-    b = None if bias is None else bias.to(torch.bfloat16)
+    perm = torch.argsort(g_idx, stable=True) if "g_idx" in p.tensors else None
+    if perm is not None:
+        codes, g_idx = codes[:, perm], g_idx[perm]
+    bounds = torch.searchsorted(g_idx, torch.arange(scales.shape[1] + 1, dtype=g_idx.dtype)).tolist()
+    parts = []
+    for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a == b:
+            continue
+        k_pad = -(-(b - a) // 32) * 32  # the op crashes on some K that are not multiples of 16
+        w = F.pad(codes[:, a:b] - 128, (0, k_pad - (b - a))).to(torch.int8).contiguous()
+        corr = ((128 - zeros[:, g]) * scales[:, g]).to(torch.bfloat16)
+        parts.append((a, b, k_pad, w, scales[:, g].to(torch.bfloat16).contiguous(),
+                      corr if bool((zeros[:, g] != 128).any()) else None))
+    b_ = None if bias is None else bias.to(torch.bfloat16)
 
     def forward(x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = F.pad(x.reshape(-1, in_f).to(torch.bfloat16), (0, k_pad - in_f)).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
-        if asym:
-            y = y + x2.sum(-1, keepdim=True) * corr
-        if b is not None:
-            y = y + b
+        x2 = x.reshape(-1, in_f).to(torch.bfloat16)
+        if perm is not None:
+            x2 = x2[:, perm]
+        y = None
+        for a, b, k_pad, w, s, corr in parts:
+            xg = F.pad(x2[:, a:b], (0, k_pad - (b - a))).contiguous()
+            yg = torch.ops.aten._weight_int8pack_mm(xg, w, s)
+            if corr is not None:
+                yg = yg + xg.sum(-1, keepdim=True) * corr
+            y = yg.float() if y is None else y + yg  # sum the groups in fp32
+        if b_ is not None:
+            y = y + b_
         return y.to(x.dtype).reshape(*shape[:-1], out_f)
     return forward
