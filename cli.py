@@ -225,8 +225,9 @@ def cmd_bench(a) -> dict:
     for base in ("fp32", "bf16"):
         if f"decode_speedup_vs_{base}" in res:
             print(f"decode speedup at batch {a.batch[0]} vs {base}: {res[f'decode_speedup_vs_{base}']:.2f}x")
-    if "rss_over_file" in res:
-        print(f"quantized peak resident memory {res['rss_over_file']:.2f}x its file ({res['file_mib']:.1f} MiB)")
+    if "resident_over_file" in res:
+        print(f"quantized model resident after loading: {res['resident_over_file']:.2f}x its file "
+              f"({res['file_mib']:.1f} MiB); peak above counts activations and KV cache too")
     return res
 
 

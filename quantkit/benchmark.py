@@ -54,7 +54,7 @@ def _generate(model, ids: torch.Tensor, steps: int, device: str) -> tuple[float,
     """(prefill seconds, decode seconds for `steps` tokens) of greedy decoding with a KV cache."""
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # not 128 x vocab logits
     _sync(device)
     t1 = time.perf_counter()
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -68,12 +68,14 @@ def _generate(model, ids: torch.Tensor, steps: int, device: str) -> tuple[float,
 def measure(variant: str, path: str, batches: list[int], prompt: int, tokens: int,
             device: str = "cpu", kernel: str = "auto", repeats: int = 3) -> dict:
     """Speed and memory of one variant in this process (run it in a fresh one)."""
+    from quantkit.model.loader import load_config, model_class
     torch.manual_seed(0)
+    model_class(load_config(path))  # import the modeling code before the baseline
     rss0 = _rss_mib()
     model = _load(variant, path, device, kernel)
     vocab = model.config.get_text_config().vocab_size
     _generate(model, torch.randint(0, vocab, (1, 8), device=device), 2, device)  # prepare kernels
-    res = {"variant": variant, "load_rss_mib": _rss_mib() - rss0, "batches": {}}
+    res = {"variant": variant, "resident_mib": _rss_mib() - rss0, "batches": {}}
     for b in batches:
         ids = torch.randint(0, vocab, (b, prompt), device=device)
         runs = [_generate(model, ids, tokens, device) for _ in range(repeats)]
@@ -104,7 +106,7 @@ def bench(path: str | Path, batches: list[int], prompt: int = 128, tokens: int =
         out["variants"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
     q, first = out["variants"].get("quantized"), str(batches[0])
     if q:
-        out["rss_over_file"] = q["peak_rss_mib"] / out["file_mib"]
+        out["resident_over_file"] = q["resident_mib"] / out["file_mib"]
         for base in ("fp32", "bf16"):
             if base in out["variants"]:
                 out[f"decode_speedup_vs_{base}"] = (q["batches"][first]["decode_tok_s"]

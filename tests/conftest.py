@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on CPU tensors (read at import)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

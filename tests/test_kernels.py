@@ -34,7 +34,7 @@ def test_kernels_match_dequantize(shape, bits, gs):
         x = torch.randn(3, 5, shape[1])
         ref = x @ p.dequantize().T + bias
         for name, k in KERNELS.items():
-            if not k.supports(p):
+            if not k.supports(p) or name == "triton":   # tests/test_kernels_triton.py, tiny shapes
                 continue
             y = k.prepare(p, bias)(x)
             tol = 1e-5 if name == "reference" else 1e-2

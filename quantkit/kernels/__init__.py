@@ -13,7 +13,7 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
-from quantkit.kernels import cpu, reference
+from quantkit.kernels import cpu, reference, triton
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -29,11 +29,12 @@ KERNELS = {k.name: k for k in (
     Kernel("reference", lambda p: True, reference.prepare, standalone=False),
     Kernel("cpu_int4", cpu.supports_int4, cpu.prepare_int4),
     Kernel("cpu_int8", cpu.supports_int8, cpu.prepare_int8),
+    Kernel("triton", triton.supports, triton.prepare),
 )}
 
 TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("int", "cpu"): ("cpu_int4", "cpu_int8", "reference"),
-    ("int", "cuda"): ("reference",),
+    ("int", "cuda"): ("triton", "reference"),
 }
 
 _warned: set[tuple[str, str]] = set()

@@ -55,11 +55,14 @@ def prepare_int4(p: PackedLinear, bias: Tensor | None):
 
     def forward(x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, in_f)
+        x2 = x.reshape(-1, in_f).to(torch.bfloat16)
         if perm is not None:
             x2 = x2[:, perm]
-        x2 = F.pad(x2.to(torch.bfloat16), (0, k_pad - in_f))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, gk, sz)[:, :out_f]
+        if k_pad != in_f:  # decode runs this per layer and token: no copies when none are needed
+            x2 = F.pad(x2, (0, k_pad - in_f))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, gk, sz)
+        if n_pad != out_f:
+            y = y[:, :out_f]
         if b is not None:
             y = y + b
         return y.to(x.dtype).reshape(*shape[:-1], out_f)
