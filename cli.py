@@ -169,7 +169,7 @@ def cmd_eval(a) -> dict:
 
 
 def cmd_inspect(a) -> dict:
-    from quantkit.formats.io import read_manifest
+    from quantkit.formats.io import SAFETENSORS_DTYPES, read_manifest
     qc = read_manifest(a.target)
     import safetensors
     layers = qc["layers"]
@@ -182,8 +182,7 @@ def cmd_inspect(a) -> dict:
                 n = 1
                 for d in sl.get_shape():
                     n *= d
-                sizes[mod] = sizes.get(mod, 0) + n * {"I32": 32, "F16": 16, "F32": 32, "BF16": 16,
-                                                      "I8": 8, "U8": 8}.get(sl.get_dtype(), 32)
+                sizes[mod] = sizes.get(mod, 0) + n * 8 * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
     total_w = 0
     print(f"{'layer':60s} {'fmt':4s} {'bits':>4s} {'group':>5s} {'bpw':>6s}")
     for name, info in layers.items():

@@ -178,3 +178,24 @@ def test_infeasible_budget_is_one_clear_line(ckpt, capsys):
                "--n-samples", "4", "--calib-seqlen", "32", "--calib-dataset", str(ckpt / "text.txt")])
     err = capsys.readouterr().err
     assert rc == 2 and "smallest feasible budget" in err
+
+
+def test_export_and_bench_commands(ckpt, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["quantize", str(ckpt / "model"), "--bits", "4", "--group-size", "32", "--method", "rtn",
+                 "--out", str(out), "--calib-dataset", str(ckpt / "text.txt")]) == 0
+    assert main(["export", str(out), "--format", "gptq", "--out", str(tmp_path / "g")]) == 0
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == 4 and cfg["group_size"] == 16  # gcd(32, 80)
+    assert (tmp_path / "g" / "tokenizer.json").is_file()
+    assert main(["export", str(out), "--format", "awq", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown export format 'awq'" in capsys.readouterr().err
+    j = tmp_path / "bench.json"
+    assert main(["bench", str(out), "--batch", "1,2", "--prompt", "8", "--tokens", "4", "--repeats", "1",
+                 "--variants", "quantized,fp32", "--json", str(j)]) == 0
+    r = json.loads(j.read_text())
+    q, fp = r["variants"]["quantized"], r["variants"]["fp32"]
+    assert set(q["batches"]) == {"1", "2"} and q["resident_mib"] > 0 and q["peak_rss_mib"] >= q["resident_mib"]
+    assert r["decode_speedup_vs_fp32"] == pytest.approx(q["batches"]["1"]["decode_tok_s"]
+                                                        / fp["batches"]["1"]["decode_tok_s"])
+    assert main(["bench", str(out), "--variants", "int2"]) == 2

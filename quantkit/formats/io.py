@@ -18,6 +18,9 @@ from quantkit.formats.packed import PackedLinear
 WEIGHTS = "model.safetensors"
 QUANT_METHOD = "quantkit"
 FORMAT_VERSION = 1
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @contextmanager

@@ -15,12 +15,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import QUANT_METHOD
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
-
+from quantkit.formats.io import QUANT_METHOD, SAFETENSORS_DTYPES
 
 class QuantkitConfig(QuantizationConfigMixin):
     """The checkpoint manifest (per-layer format, shape, metadata) as a transformers config."""
@@ -50,7 +45,7 @@ class QuantkitHfQuantizer(HfQuantizer):
             with safe_open(f, framework="pt") as st:
                 for k in st.keys():
                     sl = st.get_slice(k)
-                    meta[k] = torch.empty(sl.get_shape(), dtype=_DTYPES[sl.get_dtype()], device="meta")
+                    meta[k] = torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
         manifest = self.quantization_config.to_dict()
         install_quant_linears(model, manifest, meta, self.quantization_config.kernel)
         return model
