@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
     q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8)")
+    q.add_argument("--tie-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: one width for layers serving engines fuse (q/k/v, gate/up)")
     q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace | kl")
     q.add_argument("--report", help="write the allocation report (JSON + PNG plots) to this directory")
     q.add_argument("--calib-dataset", help="calibration corpus (default austen)")
@@ -105,7 +107,8 @@ def cmd_quantize(a) -> dict:
     r = load_recipe(a.target)
     r = r.with_overrides(model=a.model, method=a.method, bits=a.bits, group_size=a.group_size,
                          sym=a.sym, act_order=a.act_order, alloc=a.alloc, seed=a.seed,
-                         bit_options=a.bit_options, sensitivity=a.sensitivity, report=a.report,
+                         bit_options=a.bit_options, tie_fused=a.tie_fused,
+                         sensitivity=a.sensitivity, report=a.report,
                          device=a.device, **{"calib.dataset": a.calib_dataset,
                                              "calib.n_samples": a.n_samples,
                                              "calib.seqlen": a.calib_seqlen,

@@ -14,10 +14,10 @@ from torch import nn
 from quantkit import registry
 from quantkit.calib.text import calibration_batches
 from quantkit.errors import QuantkitError
-from quantkit.alloc.table import CostTable
+from quantkit.alloc.table import CostTable, tie
 from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.formats.packed import PackedLinear
-from quantkit.model.discovery import find_blocks, linears, set_weight_matrix, weight_matrix
+from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import load_model
 from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
@@ -223,7 +223,11 @@ def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
 def allocate(recipe: Recipe, table: CostTable):
     """The option index per layer that the recipe's allocator picks for its budget."""
     table.check_feasible(recipe.bits)
-    return registry.get("allocator", recipe.alloc)(table, recipe.bits)
+    allocator = registry.get("allocator", recipe.alloc)
+    if not recipe.tie_fused:
+        return allocator(table, recipe.bits)
+    tied, rows = tie(table, fused_groups(table.layers))   # q/k/v and gate/up get one width
+    return allocator(tied, recipe.bits)[rows]
 
 
 def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -> Report:

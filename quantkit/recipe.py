@@ -45,6 +45,7 @@ class Recipe:
     true_sequential: bool = True
     fp_target: bool = True          # aim at the unquantized model's outputs (compensates drift)
     alloc: str = "uniform"          # uniform | ip | baq | pareto
+    tie_fused: bool = False         # mixed: q/k/v and gate/up share a width (what vLLM/GPTQ exports need)
     seed: int = 0
     device: str = "cpu"
     out: str | None = None

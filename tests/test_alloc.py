@@ -7,7 +7,7 @@ from scipy.optimize import minimize
 from quantkit.alloc.baq import baq_allocate, baq_rates, predicted_losses
 from quantkit.alloc.ip import ip_allocate
 from quantkit.alloc.pareto import frontier, pareto_allocate
-from quantkit.alloc.table import as_table, total
+from quantkit.alloc.table import as_table, tie, total
 from quantkit.errors import QuantkitError
 
 
@@ -64,10 +64,30 @@ def test_infeasible_budget_names_the_range():
         ip_allocate(random_table(5), 1.0)
 
 
-def test_ties_force_equal_choices():
-    table = random_table(6, seed=1)
-    choice = ip_allocate(table, 3.5, ties=[[0, 1, 2]])
-    assert choice[0] == choice[1] == choice[2]
+def test_tied_layers_share_an_option_at_the_tied_optimum():
+    table = random_table(7, seed=1)
+    groups = [["l0", "l1", "l2"], ["l3"], ["l4", "l5"], ["l6"]]
+    tied, rows = tie(table, groups)
+    assert torch.equal(tied.weights.sum(), table.weights.sum()) and tied.layers[0] == "l0+l1+l2"
+    for bpw in (2.7, 3.5, 4.5):
+        want = min(c for c, s in _tied_combos(table, groups) if s <= table.budget_bits(bpw) + 1e-6)
+        for alloc in (ip_allocate, pareto_allocate, baq_allocate):
+            choice = alloc(tied, bpw)[rows]
+            assert choice[0] == choice[1] == choice[2] and choice[4] == choice[5]
+            cost, size = total(table, choice)
+            assert size <= table.budget_bits(bpw) + 1e-6
+            if alloc is not baq_allocate:
+                assert cost == pytest.approx(want, rel=1e-9), alloc.__name__
+
+
+def _tied_combos(table, groups):
+    """(cost, size) of every choice that gives each group one option, by enumeration."""
+    index = {n: i for i, n in enumerate(table.layers)}
+    for combo in itertools.product(range(table.cost.shape[1]), repeat=len(groups)):
+        choice = torch.empty(len(table.layers), dtype=torch.long)
+        for g, o in zip(groups, combo):
+            choice[[index[n] for n in g]] = o
+        yield total(table, choice)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -199,3 +199,19 @@ def test_export_and_bench_commands(ckpt, tmp_path, capsys):
     assert r["decode_speedup_vs_fp32"] == pytest.approx(q["batches"]["1"]["decode_tok_s"]
                                                         / fp["batches"]["1"]["decode_tok_s"])
     assert main(["bench", str(out), "--variants", "int2"]) == 2
+
+
+def test_tie_fused_gives_fused_layers_one_width_and_exports_without_promotion(ckpt, tmp_path):
+    from quantkit.formats.export import export
+    from quantkit.model.discovery import fused_groups
+    out = tmp_path / "tied"
+    assert main(["quantize", str(ckpt / "model"), "--bits", "7", "--alloc", "ip", "--bit-options", "4,8",
+                 "--tie-fused", "--method", "rtn", "--group-size", "16", "--sensitivity", "hessian",
+                 "--out", str(out), "--n-samples", "4", "--calib-seqlen", "32",
+                 "--calib-dataset", str(ckpt / "text.txt")]) == 0
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    groups = fused_groups(list(layers))
+    assert [len(g) for g in groups[:4]] == [3, 1, 2, 1]              # q/k/v, o, gate/up, down
+    assert all(len({layers[n]["bits"] for n in g}) == 1 for g in groups)
+    assert len({v["bits"] for v in layers.values()}) == 2             # still mixed
+    assert export(out, tmp_path / "ct", "compressed-tensors")["promoted_to_8_bits"] == []

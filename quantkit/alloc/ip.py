@@ -19,12 +19,12 @@ def _binary(prob: pulp.LpProblem, name: str):
 
 
 @register("allocator", "ip")
-def ip_allocate(table: CostTable, bits_per_weight: float, ties: list[list[int]] | None = None,
-                bops: Tensor | None = None, bops_budget: float | None = None) -> Tensor:
+def ip_allocate(table: CostTable, bits_per_weight: float, bops: Tensor | None = None,
+                bops_budget: float | None = None) -> Tensor:
     """Option index per layer minimising Σ cost under the size budget.
 
-    ties: groups of layer indices that must take the same option (fused q/k/v, gate/up).
-    bops [L, O] with bops_budget: an optional second (compute) constraint.
+    bops [L, O] with bops_budget: an optional second (compute) constraint. Layers that must
+    share an option are merged into one row beforehand (alloc.table.tie), for every allocator.
     """
     table.check_feasible(bits_per_weight)
     L, O = table.cost.shape
@@ -40,10 +40,6 @@ def ip_allocate(table: CostTable, bits_per_weight: float, ties: list[list[int]] 
         <= table.budget_bits(bits_per_weight) / sscale
     if bops is not None and bops_budget is not None:
         prob += pulp.lpSum(float(bops[l, o]) * x[l][o] for l in range(L) for o in range(O)) <= bops_budget
-    for group in ties or []:
-        for a, b in zip(group, group[1:]):
-            for o in range(O):
-                prob += x[a][o] == x[b][o]
     with warnings.catch_warnings():  # pulp 3 announces API changes for its 4.0; CBC is bundled now
         warnings.simplefilter("ignore", DeprecationWarning)
         status = prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9))

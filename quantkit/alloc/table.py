@@ -40,6 +40,19 @@ class CostTable:
         return {name: self.options[int(o)] for name, o in zip(self.layers, choice)}
 
 
+def tie(table: CostTable, groups: list[list[str]]) -> tuple[CostTable, Tensor]:
+    """One row per group of layers that must share an option (costs and sizes add up);
+    also returns each layer's row, so that `choice[rows]` expands a tied choice."""
+    index = {n: i for i, n in enumerate(table.layers)}
+    rows = torch.empty(len(table.layers), dtype=torch.long)
+    for g, members in enumerate(groups):
+        rows[[index[m] for m in members]] = g
+    def add(t: Tensor) -> Tensor:
+        return torch.zeros((len(groups), *t.shape[1:]), dtype=t.dtype).index_add_(0, rows, t)
+    return CostTable(["+".join(m) for m in groups], table.options, add(table.cost), add(table.size),
+                     add(table.weights)), rows
+
+
 def repair(table: CostTable, choice: Tensor, bits_per_weight: float) -> Tensor:
     """Greedy fix of a rounded choice: cheapest downgrades until it fits, then best upgrades that fit."""
     budget = table.budget_bits(bits_per_weight) + 1e-6

@@ -11,7 +11,8 @@ Both take affine int layers of 4 or 8 bits only (the widths their kernels run). 
 that do not divide a layer's width (576 columns at g128) are re-expressed exactly with groups
 of gcd(group, width) columns, repeating each scale. Layers that serving engines fuse
 (q/k/v, gate/up) must share a scheme: a 4-bit member of a group with 8-bit ones is promoted
-to 8 bits exactly (codes and zero shifted by 120, same scales), and the export says so.
+to 8 bits exactly (codes and zero shifted by 120, same scales), and the export says so
+(`--tie-fused` at quantization gives such layers one width in the first place).
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.io import WEIGHTS, atomic_dir, load_tensors, packed_from_tensors, read_manifest
 from quantkit.formats.packed import PackedLinear, int_parts
 from quantkit.formats.packing import pack
+from quantkit.model.discovery import fused_groups
 
 EXPORT_BITS = (4, 8)
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass
@@ -90,12 +91,7 @@ def _promote(layer: Layer) -> Layer:
 def _share_fused_schemes(layers: dict[str, Layer], fmt: str) -> list[str]:
     """Give fused siblings one scheme (promoting narrower codes); returns the promoted names."""
     promoted = []
-    for name in list(layers):
-        parent, _, leaf = name.rpartition(".")
-        group = next((g for g in FUSED if leaf in g), None)
-        if group is None or leaf != next(m for m in group if f"{parent}.{m}" in layers):
-            continue
-        members = [f"{parent}.{m}" for m in group if f"{parent}.{m}" in layers]
+    for members in fused_groups(list(layers)):
         widest = max(layers[m].bits for m in members)
         for m in members:
             if layers[m].bits < widest:

@@ -54,3 +54,22 @@ def set_weight_matrix(m: nn.Module, W) -> None:
     """Write an [out, in] weight back in the module's own layout."""
     W = W.t() if Conv1D and isinstance(m, Conv1D) else W
     m.weight.data.copy_(W.to(m.weight.dtype))
+
+
+# Linears that serving engines (vLLM, GPTQModel) fuse into one matmul, so they need one scheme.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """Partition layer names into fused sibling groups (q/k/v, gate/up); others stand alone."""
+    groups, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        family = next((f for f in FUSED if leaf in f), (leaf,))
+        members = [n for n in (f"{parent}.{m}" if parent else m for m in family) if n in names]
+        members = members if name in members else [name]
+        seen.update(members)
+        groups.append(members)
+    return groups
