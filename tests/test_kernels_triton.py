@@ -1,12 +1,9 @@
 """Triton "int" kernels against PackedLinear.dequantize(), run on CPU by triton's interpreter.
 
-TRITON_INTERPRET=1 must be in the environment before triton is first imported in the process:
-@triton.jit picks the interpreter when it decorates, for triton's own library functions
-(tl.cdiv, tl.sum's combine) at `import triton`, for ours at `import quantkit.kernels.triton`.
-So it is set here before any other import. If something imported triton earlier without it
-(e.g. another test module importing quantkit.kernels, once that imports this kernel), the module
-is skipped: set it in tests/conftest.py or the environment then. It stays set for the rest of
-the pytest process. Shapes are tiny: the interpreter runs each program in numpy.
+TRITON_INTERPRET=1 must be in the environment before triton is first imported in the process
+(@triton.jit picks the interpreter when it decorates): tests/conftest.py sets it for the whole
+session; this module sets it too when run alone, and skips if triton came in earlier without it.
+Shapes are tiny: the interpreter runs each program in numpy.
 """
 import importlib.util
 import os
