@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("target")
     x = sub.add_parser("export", help="rewrite a checkpoint for other tools (vLLM, GPTQ loaders)")
     x.add_argument("target", help="a quantkit checkpoint directory")
-    x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized) | gptq (v1)")
+    x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized) | gptq (v1) | bnb-int8")
     x.add_argument("--out", required=True, help="output directory")
     b = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory vs the fp32 and bf16 model")
     b.add_argument("target", help="a quantkit checkpoint directory")
@@ -203,6 +203,8 @@ def cmd_export(a) -> dict:
     res = export(a.target, a.out, a.format)
     print(f"exported {res['layers']} linears ({', '.join(f'{n} {k}' for k, n in res['schemes'].items())}) "
           f"as {a.format} -> {a.out}")
+    if res.get("note"):
+        print(f"note: {res['note']}")
     if res["promoted_to_8_bits"]:
         print(f"note: {len(res['promoted_to_8_bits'])} layers stored at 8 bits (same values) because a layer "
               f"fused with them is 8-bit: {', '.join(res['promoted_to_8_bits'][:6])}"

@@ -1,5 +1,6 @@
 """Exporters: a quantkit checkpoint rewritten in formats other tools load.
 
+- bitsandbytes 8-bit (transformers' `load_in_8bit` checkpoints) for LLM.int8 layers.
 - compressed-tensors `pack-quantized` (vLLM, transformers): int32 words along the input dim,
   signed codes stored with a 2^(b-1) offset, which is exactly our unsigned code, so the words
   are ours; zero points packed along the output dim; one config group per distinct scheme.
@@ -7,7 +8,7 @@
   holding zero - 1, scales [G, out], g_idx [in]; per-module `dynamic` overrides for the layers
   whose scheme differs from the base one.
 
-Both take affine int layers of 4 or 8 bits only (the widths their kernels run). Group sizes
+The last two take affine int layers of 4 or 8 bits only (the widths their kernels run). Group sizes
 that do not divide a layer's width (576 columns at g128) are re-expressed exactly with groups
 of gcd(group, width) columns, repeating each scale. Layers that serving engines fuse
 (q/k/v, gate/up) must share a scheme: a 4-bit member of a group with 8-bit ones is promoted
@@ -163,7 +164,47 @@ def gptq(layers: dict[str, Layer]) -> tuple[dict[str, Tensor], dict]:
     return tensors, config
 
 
-WRITERS = {"compressed-tensors": compressed_tensors, "gptq": gptq}
+def bnb_int8(packed: dict[str, PackedLinear], src: Path) -> tuple[dict[str, Tensor], dict, dict]:
+    """bitsandbytes 8-bit layers as transformers saves them: int8 `weight`, fp32 `SCB` (row absmax)."""
+    from quantkit.model.discovery import LINEAR_TYPES
+    from quantkit.model.loader import build_empty, load_config
+    tensors, notes = {}, []
+    for name, p in packed.items():
+        if p.format != "llm-int8":
+            raise QuantkitError(f"{name} is stored as {p.format!r}; bnb-int8 holds LLM.int8 layers only "
+                                "(quantize with --method llm-int8 --bits 8)")
+        tensors[f"{name}.weight"] = p.tensors["qweight"]
+        tensors[f"{name}.SCB"] = p.tensors["absmax"].float()
+        tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)   # "row"
+        if "outlier_cols" in p.tensors:
+            notes.append(name)
+    config = load_config(str(src))
+    del config.quantization_config
+    skip = [n for n, m in build_empty(config).named_modules() if isinstance(m, LINEAR_TYPES) and n not in packed]
+    qconfig = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+               "llm_int8_threshold": next(iter(packed.values())).meta["threshold"],
+               "llm_int8_skip_modules": skip, "llm_int8_has_fp16_weight": False,
+               "llm_int8_enable_fp32_cpu_offload": False}
+    extra = {"schemes": {"int8 row-wise": len(packed)}, "promoted_to_8_bits": []}
+    if notes:
+        extra["note"] = (f"{len(notes)} layers keep calibrated outlier columns in fp16; bitsandbytes "
+                         "computes them from the int8 weights instead")
+    return tensors, qconfig, extra
+
+
+def _int_writer(fn, fmt: str):
+    """A writer over affine int layers: checked, regrouped and fused-promoted first."""
+    def writer(packed: dict[str, PackedLinear], src: Path) -> tuple[dict[str, Tensor], dict, dict]:
+        layers = {name: _layer(name, p, fmt) for name, p in packed.items()}
+        promoted = _share_fused_schemes(layers, fmt)
+        tensors, qconfig = fn(layers)
+        schemes = Counter(f"{ly.bits}-bit g{ly.group_size}" for ly in layers.values())
+        return tensors, qconfig, {"schemes": dict(schemes), "promoted_to_8_bits": promoted}
+    return writer
+
+
+WRITERS = {"compressed-tensors": _int_writer(compressed_tensors, "compressed-tensors"),
+           "gptq": _int_writer(gptq, "gptq"), "bnb-int8": bnb_int8}
 
 
 def export(src: str | Path, out: str | Path, fmt: str) -> dict:
@@ -176,9 +217,7 @@ def export(src: str | Path, out: str | Path, fmt: str) -> dict:
     manifest = read_manifest(src)
     tensors = load_tensors(src)
     packed = packed_from_tensors(tensors, manifest)
-    layers = {name: _layer(name, p, fmt) for name, p in packed.items()}
-    promoted = _share_fused_schemes(layers, fmt)
-    quant_tensors, qconfig = WRITERS[fmt](layers)
+    quant_tensors, qconfig, extra = WRITERS[fmt](packed, src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig
     with atomic_dir(out) as tmp:
@@ -187,6 +226,4 @@ def export(src: str | Path, out: str | Path, fmt: str) -> dict:
                 shutil.copy2(f, tmp / f.name)
         save_file({**tensors, **quant_tensors}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    schemes = Counter(f"{ly.bits}-bit g{ly.group_size}" for ly in layers.values())
-    return {"format": fmt, "out": str(out), "layers": len(layers), "schemes": dict(schemes),
-            "promoted_to_8_bits": promoted}
+    return {"format": fmt, "out": str(out), "layers": len(packed), **extra}

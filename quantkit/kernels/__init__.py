@@ -13,7 +13,7 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
-from quantkit.kernels import cpu, reference, triton
+from quantkit.kernels import cpu, llm_int8, reference, triton
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -30,11 +30,16 @@ KERNELS = {k.name: k for k in (
     Kernel("cpu_int4", cpu.supports_int4, cpu.prepare_int4),
     Kernel("cpu_int8", cpu.supports_int8, cpu.prepare_int8),
     Kernel("triton", triton.supports, triton.prepare),
+    Kernel("llm_int8_emulated", llm_int8.supports, llm_int8.prepare_emulated, standalone=False),
+    Kernel("cpu_llm_int8", llm_int8.supports, llm_int8.prepare_cpu, standalone=False),
+    Kernel("bnb_int8", llm_int8.supports_bnb, llm_int8.prepare_bnb, standalone=False),
 )}
 
 TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("int", "cpu"): ("cpu_int4", "cpu_int8", "reference"),
     ("int", "cuda"): ("triton", "reference"),
+    ("llm-int8", "cpu"): ("cpu_llm_int8",),
+    ("llm-int8", "cuda"): ("bnb_int8", "llm_int8_emulated"),
 }
 
 _warned: set[tuple[str, str]] = set()

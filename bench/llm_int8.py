@@ -1,0 +1,105 @@
+"""LLM.int8() on CPU: matmul speed vs dense, and perplexity of SmolLM2-135M vs fp32.
+
+    python bench/llm_int8.py speed [--batches 1,64]
+    python bench/llm_int8.py ppl [--max-windows 40] [--n-samples 16]
+
+speed: median ms of fp32 and bf16 F.linear, our int8 kernel (torch._int_mm; with and without
+outlier features in the batch) and bitsandbytes' int8 matmul, on SmolLM2's layer shapes and a
+4096 x 4096 one. ppl: the model quantized with --method llm-int8 (8 bits, calibration outlier
+columns kept in fp16) evaluated with LLM.int8 arithmetic (activations in int8 too) and with the
+weights alone (reference kernel). Both write bench/results/llm_int8_<what>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from quantkit.formats.llm_int8 import make_llm_int8  # noqa: E402
+from quantkit.kernels import KERNELS  # noqa: E402
+
+SHAPES = [(1536, 576), (576, 1536), (4096, 4096)]
+
+
+def _ms(fn, x) -> float:
+    t = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=0.5).median * 1e3
+
+
+def speed(batches: list[int]) -> dict:
+    torch.manual_seed(0)
+    rows = []
+    for out_f, in_f in SHAPES:
+        W = torch.randn(out_f, in_f) * 0.02
+        p = make_llm_int8(W)
+        kernels = {k: KERNELS[k].prepare(p, None) for k in ("cpu_llm_int8", "bnb_int8")}
+        Wb = W.bfloat16()
+        for m in batches:
+            x = torch.randn(m, in_f)
+            xo = x.clone()
+            xo[:, :4] *= 20                          # four outlier features in the batch
+            row = {"shape": [out_f, in_f], "batch": m, "fp32_ms": _ms(lambda t: F.linear(t, W), x),
+                   "bf16_ms": _ms(lambda t: F.linear(t, Wb), x.bfloat16()),
+                   "int8_ms": _ms(kernels["cpu_llm_int8"], x),
+                   "int8_outliers_ms": _ms(kernels["cpu_llm_int8"], xo),
+                   "bnb_ms": _ms(kernels["bnb_int8"], x.bfloat16())}
+            row["speedup_vs_fp32"] = row["fp32_ms"] / row["int8_ms"]
+            rows.append(row)
+            print(json.dumps(row))
+    return {"threads": torch.get_num_threads(), "rows": rows}
+
+
+def ppl(max_windows: int, n_samples: int) -> dict:
+    import quantkit
+    from evals.data import load_text
+    from evals.perplexity import perplexity, tokenize
+    from quantkit.model.loader import load_model
+    from quantkit.pipeline import run
+    from quantkit.recipe import load_recipe
+    recipe = load_recipe("llama").with_overrides(method="llm-int8", bits=8, out="out/llama-llm-int8",
+                                                 **{"calib.n_samples": n_samples})
+    model, tok, _ = load_model(recipe.model)
+    ids = tokenize(tok, load_text(recipe.eval.dataset, "eval"))
+    res = {"fp32": perplexity(model, ids, recipe.eval.seqlen, max_windows, progress=False)["ppl"]}
+    del model
+    rep = run(recipe, progress=False)
+    layers = json.loads((Path(recipe.out) / "config.json").read_text())["quantization_config"]["layers"]
+    for kernel in ("auto", "reference"):
+        m = quantkit.load(recipe.out, kernel=kernel)
+        with torch.no_grad():
+            res[f"llm_int8_{kernel}"] = perplexity(m, ids, recipe.eval.seqlen, max_windows, progress=False)["ppl"]
+    from quantkit.formats.io import load_tensors
+    t = load_tensors(recipe.out)
+    res["outlier_columns"] = {n: int(t[f"{n}.outlier_cols"].numel()) for n in layers if f"{n}.outlier_cols" in t}
+    res["bits_per_weight"] = rep.bits_per_weight
+    res["ratio_int8_vs_fp32"] = res["llm_int8_auto"] / res["fp32"]
+    res["protocol"] = (f"SmolLM2-135M; calibration {n_samples} x 512 austen tokens (outlier columns: "
+                       f"act absmax >= 6); ppl on the first {max_windows} x 1024-token windows of "
+                       "Pride and Prejudice; auto = LLM.int8 kernels, reference = weights only")
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["speed", "ppl"])
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--n-samples", type=int, default=16)
+    a = ap.parse_args()
+    res = speed([int(b) for b in a.batches.split(",")]) if a.what == "speed" else ppl(a.max_windows, a.n_samples)
+    out = Path(f"bench/results/llm_int8_{a.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""LLM.int8() (Dettmers et al.): vector-wise int8 weights; outliers are handled at run time.
+
+The weight side is row-wise absmax int8 (no calibration needed); the activation side (row-wise
+int8 with the outlier input features in 16 bits) is the format's matmul (kernels/llm_int8.py).
+Under mixed precision, widths below 8 bits, which LLM.int8 does not define, are quantized by
+GPTQ (weight-only), so `--alloc ip --method llm-int8` keeps the sensitive layers in LLM.int8
+and packs the rest into 2-4 bits.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from quantkit.formats.llm_int8 import DEFAULT_THRESHOLD, make_llm_int8
+from quantkit.formats.packed import PackedLinear
+from quantkit.quant.base import LayerStats, QSpec
+from quantkit.quant.gptq import gptq
+from quantkit.registry import register
+
+
+@register("compressor", "llm-int8")
+def llm_int8(W: Tensor, stats: LayerStats | None, spec: QSpec,
+             threshold: float = DEFAULT_THRESHOLD) -> PackedLinear:
+    """8 bits: row-wise absmax int8 (group size and grid options do not apply), the calibration's
+    outlier features (|x| >= threshold) kept with fp16 weight columns; below 8 bits: GPTQ."""
+    if spec.bits == 8:
+        cols = None
+        if stats is not None and stats.act_absmax is not None:
+            cols = (stats.act_absmax >= threshold).nonzero().squeeze(1)
+        return make_llm_int8(W.float(), threshold, cols)
+    if stats is None:
+        raise ValueError("llm-int8 below 8 bits runs GPTQ, which needs calibration statistics")
+    return gptq(W, stats, spec)
