@@ -16,16 +16,20 @@ from quantkit.quant.base import LayerStats, QSpec
 from quantkit.quant.gptq import gptq
 from quantkit.registry import register
 
+MAX_FP16_COLUMNS = 100   # keep at most in_features / 100 weight columns in fp16
+
 
 @register("compressor", "llm-int8")
 def llm_int8(W: Tensor, stats: LayerStats | None, spec: QSpec,
              threshold: float = DEFAULT_THRESHOLD) -> PackedLinear:
     """8 bits: row-wise absmax int8 (group size and grid options do not apply), the calibration's
-    outlier features (|x| >= threshold) kept with fp16 weight columns; below 8 bits: GPTQ."""
+    largest outlier features (|x| >= threshold; at most 1% of the inputs, which bounds the fp16
+    columns' storage) kept with fp16 weight columns; below 8 bits: GPTQ."""
     if spec.bits == 8:
         cols = None
         if stats is not None and stats.act_absmax is not None:
-            cols = (stats.act_absmax >= threshold).nonzero().squeeze(1)
+            top = stats.act_absmax.topk(max(1, W.shape[1] // MAX_FP16_COLUMNS)).indices
+            cols = top[stats.act_absmax[top] >= threshold]
         return make_llm_int8(W.float(), threshold, cols)
     if stats is None:
         raise ValueError("llm-int8 below 8 bits runs GPTQ, which needs calibration statistics")
