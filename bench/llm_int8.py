@@ -1,13 +1,13 @@
 """LLM.int8() on CPU: matmul speed vs dense, and perplexity of SmolLM2-135M vs fp32.
 
     python bench/llm_int8.py speed [--batches 1,64]
-    python bench/llm_int8.py ppl [--max-windows 40] [--n-samples 16]
+    python bench/llm_int8.py ppl [--max-windows 40] [--n-samples 16] [--thresholds 6,4,3,2]
 
 speed: median ms of fp32 and bf16 F.linear, our int8 kernel (torch._int_mm; with and without
 outlier features in the batch) and bitsandbytes' int8 matmul, on SmolLM2's layer shapes and a
 4096 x 4096 one. ppl: the model quantized with --method llm-int8 (8 bits, calibration outlier
-columns kept in fp16) evaluated with LLM.int8 arithmetic (activations in int8 too) and with the
-weights alone (reference kernel). Both write bench/results/llm_int8_<what>.json.
+columns kept in fp16) evaluated with LLM.int8 arithmetic (activations in int8 too) at several
+outlier thresholds, and with the weights alone (reference kernel). Both write bench/results/llm_int8_<what>.json.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def speed(batches: list[int]) -> dict:
     return {"threads": torch.get_num_threads(), "rows": rows}
 
 
-def ppl(max_windows: int, n_samples: int) -> dict:
+def ppl(max_windows: int, n_samples: int, thresholds: list[float]) -> dict:
     import quantkit
     from evals.data import load_text
     from evals.perplexity import perplexity, tokenize
@@ -72,18 +72,27 @@ def ppl(max_windows: int, n_samples: int) -> dict:
     del model
     rep = run(recipe, progress=False)
     layers = json.loads((Path(recipe.out) / "config.json").read_text())["quantization_config"]["layers"]
-    for kernel in ("auto", "reference"):
-        m = quantkit.load(recipe.out, kernel=kernel)
+    from quantkit.nn.qlinear import QuantLinear
+    m = quantkit.load(recipe.out, kernel="reference")
+    with torch.no_grad():
+        res["int8_weights_only"] = perplexity(m, ids, recipe.eval.seqlen, max_windows, progress=False)["ppl"]
+    m = quantkit.load(recipe.out, keep_packed=True)
+    for t in thresholds:   # the threshold is a run-time parameter: prepare the kernels again
+        for q in m.modules():
+            if isinstance(q, QuantLinear):
+                q.meta["threshold"], q._prepared_for = t, None
         with torch.no_grad():
-            res[f"llm_int8_{kernel}"] = perplexity(m, ids, recipe.eval.seqlen, max_windows, progress=False)["ppl"]
+            res[f"llm_int8_threshold_{t:g}"] = perplexity(m, ids, recipe.eval.seqlen, max_windows,
+                                                          progress=False)["ppl"]
     from quantkit.formats.io import load_tensors
     t = load_tensors(recipe.out)
     res["outlier_columns"] = {n: int(t[f"{n}.outlier_cols"].numel()) for n in layers if f"{n}.outlier_cols" in t}
     res["bits_per_weight"] = rep.bits_per_weight
-    res["ratio_int8_vs_fp32"] = res["llm_int8_auto"] / res["fp32"]
+    res["ratio_vs_fp32"] = {k: v / res["fp32"] for k, v in res.items() if k.startswith(("llm_int8", "int8"))}
     res["protocol"] = (f"SmolLM2-135M; calibration {n_samples} x 512 austen tokens (outlier columns: "
                        f"act absmax >= 6); ppl on the first {max_windows} x 1024-token windows of "
-                       "Pride and Prejudice; auto = LLM.int8 kernels, reference = weights only")
+                       "Pride and Prejudice; llm_int8_threshold_T = LLM.int8 arithmetic with outlier threshold T, "
+                       "int8_weights_only = the int8 weights with fp activations (reference kernel)")
     print(json.dumps(res, indent=1))
     return res
 
@@ -94,8 +103,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--n-samples", type=int, default=16)
+    ap.add_argument("--thresholds", default="6,4,3,2")
     a = ap.parse_args()
-    res = speed([int(b) for b in a.batches.split(",")]) if a.what == "speed" else ppl(a.max_windows, a.n_samples)
+    res = (speed([int(b) for b in a.batches.split(",")]) if a.what == "speed"
+           else ppl(a.max_windows, a.n_samples, [float(t) for t in a.thresholds.split(",")]))
     out = Path(f"bench/results/llm_int8_{a.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
-from quantkit.kernels import cpu, llm_int8, reference, triton
+from quantkit.kernels import cpu, llm_int8, lut, reference, triton
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -33,12 +33,14 @@ KERNELS = {k.name: k for k in (
     Kernel("llm_int8_emulated", llm_int8.supports, llm_int8.prepare_emulated, standalone=False),
     Kernel("cpu_llm_int8", llm_int8.supports, llm_int8.prepare_cpu, standalone=False),
     Kernel("bnb_int8", llm_int8.supports_bnb, llm_int8.prepare_bnb, standalone=False),
+    Kernel("cpu_lut", lut.supports, lut.prepare),
 )}
 
 TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("int", "cpu"): ("cpu_int4", "cpu_int8", "reference"),
     ("int", "cuda"): ("triton", "reference"),
     ("llm-int8", "cpu"): ("cpu_llm_int8",),
+    ("lut", "cpu"): ("cpu_lut", "reference"),
     ("llm-int8", "cuda"): ("bnb_int8", "llm_int8_emulated"),
 }
 
