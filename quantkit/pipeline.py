@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import pkgutil
 import platform
 import random
 import time
@@ -21,18 +23,21 @@ from quantkit.model.discovery import find_blocks, fused_groups, linears, set_wei
 from quantkit.model.loader import load_model
 from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
+from quantkit.quant.rotation import rotate_model
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
 from quantkit.stats.hessian import HessianAccumulator
 from quantkit.stats.hutchinson import loss_hessian_traces
+from quantkit.stats.importance import TokenWeights, token_weighting
 from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, kl_table,
                                         output_fisher, trace_price)
 
-import quantkit.alloc.baq  # noqa: F401  (registers)
-import quantkit.alloc.ip  # noqa: F401
-import quantkit.alloc.pareto  # noqa: F401
-import quantkit.quant.gptq  # noqa: F401
-import quantkit.quant.rtn  # noqa: F401
+import quantkit.alloc
+import quantkit.quant
+
+for _pkg in (quantkit.alloc, quantkit.quant):   # every allocator and compressor registers itself
+    for _mod in pkgutil.iter_modules(_pkg.__path__):
+        importlib.import_module(f"{_pkg.__name__}.{_mod.name}")
 
 
 @dataclass
@@ -97,12 +102,16 @@ def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, s
 
 def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],
                    compressor, device: torch.device, true_sequential: bool = True,
-                   fp_target: bool = False, progress: bool = True
+                   fp_target: bool = False, progress: bool = True,
+                   token_weights: TokenWeights | None = None
                    ) -> tuple[dict[str, PackedLinear], dict]:
     """Compress every planned linear, block by block; the model ends up fake-quantized.
 
     fp_target: aim each layer at the unquantized model's outputs (see fp_target_weight), at
     the cost of running an unquantized copy of each block beside it.
+    token_weights: per block, weights of the calibration tokens in its Hessians (RSQ); computed
+    once on the block's inputs before any of its linears is quantized. With fp_target the
+    cross term gets the same weights, so the target stays the weighted least-squares one.
     """
     packed, info = {}, {}
     inputs_fp = None
@@ -120,9 +129,11 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
         groups = [[n for n in g if n in todo] for g in input_groups(block, inputs)]
         groups = [g for g in groups if g]
         stages = [[g] for g in groups] if true_sequential else [groups]
+        weights = token_weights(block, inputs) if token_weights is not None and groups else None
         for stage in stages:
             accs: dict[str, HessianAccumulator] = collect_hessians(
-                block, inputs, stage, None if ref is None else (ref, inputs_fp))
+                block, inputs, stage, None if ref is None else (ref, inputs_fp),
+                token_weights=weights)
             for g in stage:
                 stats = accs[g[0]].finalize()
                 for n in g:
@@ -188,6 +199,15 @@ def _check(recipe: Recipe) -> None:
                             f"{', '.join(SENSITIVITIES)}")
     for bits in recipe.bit_options if mixed else [recipe.bits]:   # bad specs fail before loading
         base_spec(recipe, bits)
+    _token_weights(recipe)
+
+
+def _token_weights(recipe: Recipe) -> TokenWeights | None:
+    """RSQ's token weighting from the recipe's rsq section (None for other methods)."""
+    if recipe.method != "rsq":
+        return None
+    c = recipe.rsq
+    return token_weighting(c.importance, c.r_min, c.r_max, c.first_n)
 
 
 def _setup(recipe: Recipe, need_data: bool):
@@ -195,6 +215,8 @@ def _setup(recipe: Recipe, need_data: bool):
     seed_everything(recipe.seed)
     device = check_device(recipe.device)
     model, tokenizer, source = load_model(recipe.model)
+    if recipe.method == "rsq" and recipe.rsq.rotate:
+        rotate_model(model, recipe.rsq.seed)    # before calibration: every statistic is of the rotated model
     prefix, blocks = find_blocks(model)
     layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
     batches = None
@@ -253,7 +275,8 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
         spec = base_spec(recipe)
         plan = {name: spec for name in layer_names}
     packed, info = compress_model(model, batches, plan, compressor, device,
-                                  recipe.true_sequential, recipe.fp_target, progress)
+                                  recipe.true_sequential, recipe.fp_target, progress,
+                                  token_weights=_token_weights(recipe))
     model.to("cpu")
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights

@@ -29,6 +29,17 @@ class EvalConfig:
 
 
 @dataclass
+class RSQConfig:
+    """RSQ (--method rsq): rotation, then GPTQ on a token-importance-weighted Hessian."""
+    rotate: bool = True             # QuaRot-style: fuse RMSNorms, random Hadamard on residual + heads
+    importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
+    r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
+    r_max: float = 1.0
+    first_n: int = 64               # first_n: tokens (from the start of each window) that count
+    seed: int = 0                   # seed of the random Hadamard signs
+
+
+@dataclass
 class Recipe:
     """Everything a run depends on; saved next to its output."""
     model: str = "smollm2-135m"
@@ -52,6 +63,7 @@ class Recipe:
     report: str | None = None       # directory for the allocation report (JSON + PNG plots)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rsq: RSQConfig = field(default_factory=RSQConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,7 +99,7 @@ def _build(cls, d: dict, where: str):
                             f"known: {', '.join(known)}")
     kw = {}
     for name, value in d.items():
-        sub = {"calib": CalibConfig, "eval": EvalConfig}.get(name) if cls is Recipe else None
+        sub = {"calib": CalibConfig, "eval": EvalConfig, "rsq": RSQConfig}.get(name) if cls is Recipe else None
         kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
     return cls(**kw)
 

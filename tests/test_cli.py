@@ -215,3 +215,34 @@ def test_tie_fused_gives_fused_layers_one_width_and_exports_without_promotion(ck
     assert all(len({layers[n]["bits"] for n in g}) == 1 for g in groups)
     assert len({v["bits"] for v in layers.values()}) == 2             # still mixed
     assert export(out, tmp_path / "ct", "compressed-tensors")["promoted_to_8_bits"] == []
+
+
+def test_llm_int8_mixed_with_gptq_under_ip(ckpt, tmp_path):
+    out = tmp_path / "mixed"
+    assert main(["quantize", str(ckpt / "model"), "--bits", "7", "--alloc", "ip", "--bit-options", "4,8",
+                 "--method", "llm-int8", "--group-size", "16", "--sensitivity", "hessian", "--out", str(out),
+                 "--n-samples", "8", "--calib-seqlen", "32", "--calib-dataset", str(ckpt / "text.txt"),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["bits_per_weight"] <= 7 + 1e-9
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert {(v["format"], v["bits"]) for v in layers.values()} == {("llm-int8", 8), ("int", 4)}
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = quantkit.load(out, kernel="reference")(ids).logits, quantkit.load(out)(ids).logits
+    assert (a - b).norm() / a.norm() < 2e-2
+
+
+@pytest.mark.parametrize("method", ["nupes", "nupes-df"])
+def test_nupes_under_ip_allocation(ckpt, tmp_path, method):
+    out = tmp_path / method
+    assert main(["quantize", str(ckpt / "model"), "--bits", "4", "--alloc", "ip", "--bit-options", "2,3,4,8",
+                 "--method", method, "--group-size", "16", "--sensitivity", "hessian", "--out", str(out),
+                 "--n-samples", "8", "--calib-seqlen", "32", "--calib-dataset", str(ckpt / "text.txt"),
+                 "--json", str(tmp_path / "n.json")]) == 0
+    assert json.loads((tmp_path / "n.json").read_text())["bits_per_weight"] <= 4 + 1e-9
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert {v["format"] for v in layers.values()} == {"lut"} and len({v["bits"] for v in layers.values()}) > 1
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = quantkit.load(out, kernel="reference")(ids).logits, quantkit.load(out)(ids).logits
+    assert (a - b).norm() / a.norm() < 2e-2
