@@ -17,19 +17,23 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "fortune, must be in want of a wife. ") * 10 + " ".join(f"word{i % 90}" for i in range(3000))
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def save_tiny_checkpoints(d, models: dict) -> None:
+    """TEXT in d/text.txt and, per name, the model with a word-level tokenizer trained on TEXT."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny")
     (d / "text.txt").write_text(TEXT)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>"]))
-    for family in ("llama", "bert"):
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
-        fast.save_pretrained(d / family)
-        tiny_model(family).save_pretrained(d / family)
+    for name, model in models.items():
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>").save_pretrained(d / name)
+        model.save_pretrained(d / name)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    save_tiny_checkpoints(d, {family: tiny_model(family) for family in ("llama", "bert")})
     (d / "model").symlink_to(d / "llama")
     return d
 

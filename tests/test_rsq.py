@@ -19,7 +19,7 @@ from quantkit.recipe import CalibConfig, Recipe, RSQConfig
 from quantkit.stats.importance import (attention_probs, attention_weights, first_n_weights, rescale,
                                        token_weighting, uniform_weights)
 from tests.conftest import HIDDEN, VOCAB, tiny_model, token_batches
-from tests.test_cli import TEXT
+from tests.test_cli import save_tiny_checkpoints
 from tests.test_models import outputs, plan_for
 
 CPU = torch.device("cpu")
@@ -158,15 +158,8 @@ def test_attention_weighting_changes_the_result():
 
 @pytest.fixture(scope="module")
 def tied_ckpt(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     d = tmp_path_factory.mktemp("rsq")
-    (d / "text.txt").write_text(TEXT)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d / "llama")
-    perturbed("llama", tied=True).save_pretrained(d / "llama")
+    save_tiny_checkpoints(d, {"llama": perturbed("llama", tied=True)})
     return d
 
 

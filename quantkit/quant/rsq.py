@@ -11,9 +11,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.packed import PackedLinear, make_int
+from quantkit.formats.packed import PackedLinear
 from quantkit.quant.base import LayerStats, QSpec
-from quantkit.quant.gptq import gptq_codes
+from quantkit.quant.gptq import gptq
 from quantkit.registry import register
 
 
@@ -22,5 +22,4 @@ def rsq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
     """RSQ compressor: GPTQ's rounding with error feedback on the token-weighted Hessian."""
     if stats is None:
         raise QuantkitError("RSQ needs calibration statistics (a token-weighted Hessian)")
-    codes, scales, zeros, g_idx = gptq_codes(W, stats.H, spec)
-    return make_int(codes, scales, None if spec.sym else zeros, spec.bits, spec.group_size, g_idx)
+    return gptq(W, stats, spec)
