@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
 import pkgutil
@@ -228,11 +229,19 @@ def _setup(recipe: Recipe, need_data: bool):
     return model, tokenizer, source, batches, layer_names, device
 
 
+def _compressor(recipe: Recipe):
+    """The recipe's compressor, with its method-specific recipe options bound."""
+    compressor = registry.get("compressor", recipe.method)
+    if recipe.method == "llm-int8":
+        return functools.partial(compressor, threshold=recipe.llm_int8_threshold)
+    return compressor
+
+
 def _recipe_table(recipe: Recipe, model: nn.Module, batches: list[torch.Tensor], names: list[str],
                   device: torch.device, progress: bool) -> CostTable:
     options = [base_spec(recipe, b) for b in recipe.bit_options]
     return build_table(model, first_samples(batches, recipe.calib.table_samples), names, options,
-                       recipe.sensitivity, registry.get("compressor", recipe.method), device, progress)
+                       recipe.sensitivity, _compressor(recipe), device, progress)
 
 
 def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
@@ -260,7 +269,7 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
     """
     t0 = time.time()
     _check(recipe)
-    compressor = registry.get("compressor", recipe.method)
+    compressor = _compressor(recipe)
     mixed = recipe.alloc != "uniform"
     model, tokenizer, source, batches, layer_names, device = _setup(
         recipe, mixed or getattr(compressor, "needs_stats", True))

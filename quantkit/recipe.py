@@ -57,6 +57,7 @@ class Recipe:
     fp_target: bool = True          # aim at the unquantized model's outputs (compensates drift)
     alloc: str = "uniform"          # uniform | ip | baq | pareto
     tie_fused: bool = False         # mixed: q/k/v and gate/up share a width (what vLLM/GPTQ exports need)
+    llm_int8_threshold: float = 6.0  # llm-int8: input features with |x| >= this take the 16-bit path
     seed: int = 0
     device: str = "cpu"
     out: str | None = None

@@ -250,3 +250,13 @@ def test_nupes_under_ip_allocation(ckpt, tmp_path, method):
     with torch.no_grad():
         a, b = quantkit.load(out, kernel="reference")(ids).logits, quantkit.load(out)(ids).logits
     assert (a - b).norm() / a.norm() < 2e-2
+
+
+def test_llm_int8_threshold_comes_from_the_recipe(ckpt, tmp_path):
+    from quantkit.pipeline import run
+    from quantkit.recipe import CalibConfig
+    calib = CalibConfig(dataset=str(ckpt / "text.txt"), n_samples=4, seqlen=32)
+    run(Recipe(model=str(ckpt / "model"), method="llm-int8", bits=8, llm_int8_threshold=2.5,
+               out=str(tmp_path / "q"), calib=calib), progress=False)
+    layers = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layers"]
+    assert {v["threshold"] for v in layers.values()} == {2.5}
