@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model (recipe name, local dir or hub id)")
     q.add_argument("target", help="recipe name (recipes/NAME.yaml), YAML file, model dir or hub id")
     q.add_argument("--model", help="override the recipe's model (PATH_OR_HUB_ID)")
-    q.add_argument("--method", help="rtn | gptq | gptq-baq (BAQ: levels reallocated across input columns)")
+    q.add_argument("--method", help="rtn | gptq | gptq-baq | rsq | nupes | nupes-df | nupes-ste | llm-int8")
     q.add_argument("--bits", type=_bits)
     q.add_argument("--group-size", type=int, help="-1 for one group per output row")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)

@@ -87,7 +87,7 @@ def random_orthogonal(n: int, seed: int) -> Tensor:
     H = hadamard(n)
     if H is None:
         warnings.warn(f"no Hadamard construction of order {n}; using a random orthogonal matrix "
-                      "(rotation still exact, outliers spread less evenly)")
+                      "(rotation still exact, outliers spread less evenly)", stacklevel=2)
         Q, R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return Q * torch.sign(R.diagonal())[None, :]
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
