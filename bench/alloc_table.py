@@ -22,9 +22,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evals.data import load_text  # noqa: E402
-from evals.perplexity import perplexity, tokenize  # noqa: E402
-from quantkit.model.loader import load_model  # noqa: E402
+from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
 from quantkit.pipeline import allocate, run, sensitivity_table  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 
@@ -46,11 +44,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results["recipe"] = base.to_dict()
     rows = results.setdefault("rows", {})
-    model, tok, _ = load_model(base.model)
-    ids = tokenize(tok, load_text(base.eval.dataset, "eval"))
-    if "fp32" not in results:
-        results["fp32"] = perplexity(model, ids, base.eval.seqlen, a.max_windows, progress=False)
-    del model
+    ids = eval_ids_with_baseline(base, a.max_windows, results)
     fp = results["fp32"]["ppl"]
     by_plan = {tuple(r["bits"]): k for k, r in rows.items()}
 

@@ -18,9 +18,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evals.data import load_text  # noqa: E402
-from evals.perplexity import perplexity, tokenize  # noqa: E402
-from quantkit.model.loader import load_model  # noqa: E402
+from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
 from quantkit.pipeline import run  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 
@@ -39,12 +37,8 @@ def main() -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
-    model, tok, _ = load_model(base.model)
-    ids = tokenize(tok, load_text(base.eval.dataset, "eval"))
+    ids = eval_ids_with_baseline(base, a.max_windows, results)
     ev = lambda m: perplexity(m, ids, base.eval.seqlen, a.max_windows)  # noqa: E731
-    if "fp32" not in results:
-        results["fp32"] = ev(model)
-    del model
     print(f"fp32 ppl {results['fp32']['ppl']:.3f}", flush=True)
     for cfg in a.configs.split(","):
         bits, gs = (int(x) for x in cfg.split(":"))

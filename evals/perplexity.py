@@ -38,3 +38,15 @@ def perplexity(model: nn.Module, ids: Tensor, seqlen: int, max_windows: int | No
         total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
         count += x.shape[1] - 1
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": n}
+
+
+def eval_ids_with_baseline(recipe, max_windows: int | None, results: dict) -> Tensor:
+    """Token ids of the recipe's eval text; results["fp32"] gets the original model's perplexity
+    on them unless it is there already (benches that accumulate rows across runs)."""
+    from evals.data import load_text
+    from quantkit.model.loader import load_model
+    model, tok, _ = load_model(recipe.model)
+    ids = tokenize(tok, load_text(recipe.eval.dataset, "eval"))
+    if "fp32" not in results:
+        results["fp32"] = perplexity(model, ids, recipe.eval.seqlen, max_windows, progress=False)
+    return ids

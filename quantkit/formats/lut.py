@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantkit.formats.packed import PackedLinear, group_index, pack, register_format
+from quantkit.formats.packed import PackedLinear, g_idx_tensor, group_map, pack, register_format
 from quantkit.formats.packing import unpack
 
 
@@ -27,8 +27,7 @@ def make_lut(codes: Tensor, lut: Tensor, scales: Tensor, bits: int, group_size: 
     out_f, in_f = codes.shape
     tensors = {"qweight": pack(codes, bits), "lut": lut.to(torch.float32).contiguous(),
                "scales": scales.to(torch.float16).contiguous()}
-    if g_idx is not None and not torch.equal(g_idx.int().cpu(), group_index(in_f, group_size)):
-        tensors["g_idx"] = g_idx.to(torch.int32).contiguous()
+    tensors.update(g_idx_tensor(in_f, group_size, g_idx))
     return PackedLinear("lut", (out_f, in_f), tensors,
                         {"bits": bits, "group_size": group_size, **meta})
 
@@ -37,10 +36,7 @@ def lut_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Unpacked (codes int32 [out,in], lut fp32 [2**bits], scales fp32 [out,G], g_idx long [in])."""
     codes = unpack(p.tensors["qweight"], p.meta["bits"], p.shape[1])
     scales = p.tensors["scales"].float()
-    g_idx = p.tensors.get("g_idx")
-    if g_idx is None:
-        g_idx = group_index(p.shape[1], p.meta["group_size"], scales.device)
-    return codes, p.tensors["lut"].float(), scales, g_idx.long()
+    return codes, p.tensors["lut"].float(), scales, group_map(p, scales.device)
 
 
 def lut_dequantize(codes: Tensor, lut: Tensor, scales: Tensor, g_idx: Tensor) -> Tensor:

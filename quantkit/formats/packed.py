@@ -71,23 +71,33 @@ def _grid_tensors(in_f: int, scales: Tensor, zeros: Tensor | None, bits: int, gr
     tensors = {"scales": scales.to(torch.float16).contiguous()}
     if zeros is not None:
         tensors["qzeros"] = pack(zeros.to(torch.int64), bits)
-    if g_idx is not None and not torch.equal(g_idx.int(), group_index(in_f, group_size, g_idx.device)):
-        tensors["g_idx"] = g_idx.to(torch.int32).contiguous()
-    return tensors
+    return {**tensors, **g_idx_tensor(in_f, group_size, g_idx)}
+
+
+def g_idx_tensor(in_f: int, group_size: int, g_idx: Tensor | None) -> dict[str, Tensor]:
+    """{"g_idx": ...} when the column -> group map differs from contiguous groups, else {}."""
+    if g_idx is None or torch.equal(g_idx.int(), group_index(in_f, group_size, g_idx.device)):
+        return {}
+    return {"g_idx": g_idx.to(torch.int32).contiguous()}
+
+
+def group_map(p: PackedLinear, device=None) -> Tensor:
+    """The column -> group map of a grouped record: the stored g_idx or contiguous groups (long)."""
+    g_idx = p.tensors.get("g_idx")
+    if g_idx is None:
+        g_idx = group_index(p.shape[1], p.meta["group_size"], device)
+    return g_idx.long()
 
 
 def grid_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor]:
     """Scales fp32 [out,G], zeros fp32 [out,G] and g_idx [in] of an affine group grid."""
-    bits, in_f = p.meta["bits"], p.shape[1]
+    bits = p.meta["bits"]
     scales = p.tensors["scales"].float()
     if "qzeros" in p.tensors:
         zeros = unpack(p.tensors["qzeros"], bits, scales.shape[1]).float()
     else:
         zeros = torch.full_like(scales, float(1 << (bits - 1)))
-    g_idx = p.tensors.get("g_idx")
-    if g_idx is None:
-        g_idx = group_index(in_f, p.meta["group_size"], scales.device)
-    return scales, zeros, g_idx.long()
+    return scales, zeros, group_map(p, scales.device)
 
 
 def int_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
