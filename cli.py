@@ -1,4 +1,4 @@
-"""quantkit command line: quantize | eval | inspect | export | bench."""
+"""quantkit command line: quantize | prune | eval | inspect | export | bench."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,20 @@ def _ints(v: str) -> list[int]:
     return out
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pattern", help="N:M sparsity pattern for --prune (default 2:4)")
+    p.add_argument("--calib-dataset", help="calibration corpus (default austen)")
+    p.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--out", help="output directory (default out/NAME-wBITS-gGROUP-METHOD)")
+    p.add_argument("--eval", action="store_true", help="measure perplexity afterwards")
+    p.add_argument("--eval-dataset")
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--json", help="write the summary to this JSON file")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="austen | pydocs | wikitext2 | c4 | ptb | a text file")
     p.add_argument("--seqlen", type=int, help="eval window length (default 1024)")
@@ -60,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: one width for layers serving engines fuse (q/k/v, gate/up)")
     q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace | kl")
     q.add_argument("--report", help="write the allocation report (JSON + PNG plots) to this directory")
-    q.add_argument("--calib-dataset", help="calibration corpus (default austen)")
-    q.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
-    q.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
-    q.add_argument("--seed", type=int)
-    q.add_argument("--device", help="cpu (default) or cuda")
-    q.add_argument("--out", help="output directory (default out/NAME-wBITS-gGROUP-METHOD)")
-    q.add_argument("--eval", action="store_true", help="measure perplexity after quantizing")
-    q.add_argument("--eval-dataset")
-    q.add_argument("--max-windows", type=int)
-    q.add_argument("--json", help="write the summary to this JSON file")
+    q.add_argument("--prune", help="N:M-prune first: magnitude | wanda | sparsegpt | armor (then quantize "
+                                   "the kept weights with GPTQ, the mask fixed)")
+    _add_run_args(q)
+    pr = sub.add_parser("prune", help="N:M semi-structured pruning (kept weights in fp16)")
+    pr.add_argument("target", help="recipe name (recipes/NAME.yaml), YAML file, model dir or hub id")
+    pr.add_argument("--model", help="override the recipe's model (PATH_OR_HUB_ID)")
+    pr.add_argument("--method", default="armor", help="armor (default) | sparsegpt | wanda | magnitude")
+    pr.add_argument("--block-size", type=int, help="armor: wrapper block size (default 32)")
+    pr.add_argument("--iters", type=int, help="armor: coordinate descent iterations per layer (default 3000)")
+    _add_run_args(pr)
     e = sub.add_parser("eval", help="perplexity of a quantized output, recipe's model or checkpoint")
     e.add_argument("target")
     e.add_argument("--kernel", default="reference",
@@ -77,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e)
     i = sub.add_parser("inspect", help="per-layer bits, group size and effective bits per weight")
     i.add_argument("target")
+    i.add_argument("--json", help="write the summary to this JSON file")
     x = sub.add_parser("export", help="rewrite a checkpoint for other tools (vLLM, GPTQ loaders)")
     x.add_argument("target", help="a quantkit checkpoint directory")
     x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized) | gptq (v1) | bnb-int8")
@@ -105,29 +120,41 @@ def cmd_quantize(a) -> dict:
     from quantkit.pipeline import run
     from quantkit.recipe import load_recipe
     r = load_recipe(a.target)
-    r = r.with_overrides(model=a.model, method=a.method, bits=a.bits, group_size=a.group_size,
-                         sym=a.sym, act_order=a.act_order, alloc=a.alloc, seed=a.seed,
-                         bit_options=a.bit_options, tie_fused=a.tie_fused,
-                         sensitivity=a.sensitivity, report=a.report,
+    if a.cmd == "prune":
+        r = r.with_overrides(prune=a.method, bits=16, **{"armor.block_size": a.block_size,
+                                                          "armor.iters": a.iters})
+    else:
+        r = r.with_overrides(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym,
+                             act_order=a.act_order, alloc=a.alloc, bit_options=a.bit_options,
+                             tie_fused=a.tie_fused, sensitivity=a.sensitivity, report=a.report,
+                             prune=a.prune)
+    r = r.with_overrides(model=a.model, seed=a.seed, pattern=a.pattern,
                          device=a.device, **{"calib.dataset": a.calib_dataset,
                                              "calib.n_samples": a.n_samples,
                                              "calib.seqlen": a.calib_seqlen,
                                              "eval.dataset": a.eval_dataset,
                                              "eval.max_windows": a.max_windows})
     name = Path(a.target).stem if a.model is None else Path(r.model).name
-    mixed = "" if r.alloc == "uniform" else f"-{r.alloc}"
-    r = r.with_overrides(out=a.out or f"out/{name}-w{r.bits}-g{r.group_size}-{r.method}{mixed}")
+    r = r.with_overrides(out=a.out or f"out/{name}-{_run_name(r)}")
     eval_text = load_text(r.eval.dataset, "eval") if a.eval else None  # fail before the long work
     rep = run(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
     if a.eval:
         summary.update(_ppl(rep.model, rep.tokenizer, eval_text, r.eval.dataset, r.eval.seqlen,
                             r.eval.max_windows))
-    print(f"quantized {rep.n_layers} linears of {r.model} with {r.method} in {rep.seconds:.1f}s: "
+    print(f"compressed {rep.n_layers} linears of {r.model} with {rep.method} in {rep.seconds:.1f}s: "
           f"{rep.bits_per_weight:.3f} bits/weight, {rep.original_size_bytes / 2**20:.1f} MiB (fp32) -> "
           f"{rep.size_bytes / 2**20:.1f} MiB -> {r.out}"
           + (f"; ppl {summary['ppl']:.3f} on {summary['dataset']}" if a.eval else ""))
     return summary
+
+
+def _run_name(r) -> str:
+    """Default output name: w4-g128-gptq[-ip], 2:4-armor, 2:4-armor-w4-g128."""
+    quant = f"w{r.bits}-g{r.group_size}"
+    if r.prune is not None:
+        return f"{r.pattern.replace(':', '')}-{r.prune}" + ("" if r.bits == 16 else f"-{quant}")
+    return f"{quant}-{r.method}" + ("" if r.alloc == "uniform" else f"-{r.alloc}")
 
 
 def _ppl(model, tokenizer, text: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
@@ -176,8 +203,8 @@ def cmd_inspect(a) -> dict:
     qc = read_manifest(a.target)
     import safetensors
     layers = qc["layers"]
+    sizes, wrap = {}, {}
     with safetensors.safe_open(str(Path(a.target) / "model.safetensors"), "pt") as f:
-        sizes = {}
         for k in f.keys():
             mod, _, leaf = k.rpartition(".")
             if mod in layers and leaf not in ("bias",):
@@ -186,16 +213,36 @@ def cmd_inspect(a) -> dict:
                 for d in sl.get_shape():
                     n *= d
                 sizes[mod] = sizes.get(mod, 0) + n * 8 * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                if leaf in ("pre", "post"):    # ARMOR's block-diagonal wrappers
+                    wrap[mod] = wrap.get(mod, 0) + n
     total_w = 0
-    print(f"{'layer':60s} {'fmt':4s} {'bits':>4s} {'group':>5s} {'bpw':>6s}")
+    print(f"{'layer':60s} {'fmt':6s} {'bits':>4s} {'group':>5s} {'bpw':>6s}")
     for name, info in layers.items():
         nw = info["shape"][0] * info["shape"][1]
         total_w += nw
-        print(f"{name:60s} {info['format']:4s} {info.get('bits', '-'):>4} "
+        fmt = info["format"] + (f" {info['n']}:{info['m']}" if "n" in info else "")
+        print(f"{name:60s} {fmt:6s} {info.get('bits', '-'):>4} "
               f"{info.get('group_size', '-'):>5} {sizes[name] / nw:6.3f}")
     bpw = sum(sizes.values()) / total_w
-    print(f"{len(layers)} quantized linears, {total_w} weights, {bpw:.4f} effective bits per weight")
-    return {"layers": len(layers), "weights": total_w, "bits_per_weight": bpw}
+    print(f"{len(layers)} compressed linears, {total_w} weights, {bpw:.4f} effective bits per weight")
+    res = {"layers": len(layers), "weights": total_w, "bits_per_weight": bpw}
+    if wrap:
+        res.update(_wrapper_overhead(layers, wrap))
+        print(f"ARMOR wrappers on {res['wrapped_layers']} linears: {res['wrapper_params']} parameters "
+              f"(+{100 * res['wrapper_params_over_dense']:.2f}% of the dense weights); "
+              f"{res['wrapper_flops_per_token']} FLOPs per token (+{100 * res['wrapper_flops_over_core']:.1f}% "
+              f"over the sparse cores, {100 * res['wrapped_flops_over_dense']:.1f}% of dense in all)")
+    return res
+
+
+def _wrapper_overhead(layers: dict, wrap: dict) -> dict:
+    """Extra parameters and FLOPs of block-diagonal wrappers (stored blocks, padding included)."""
+    dense = sum(layers[n]["shape"][0] * layers[n]["shape"][1] for n in wrap)
+    core = sum(layers[n]["shape"][0] * layers[n]["shape"][1] * layers[n]["n"] / layers[n]["m"] for n in wrap)
+    params = sum(wrap.values())
+    return {"wrapped_layers": len(wrap), "wrapper_params": params, "wrapper_params_over_dense": params / dense,
+            "wrapper_flops_per_token": 2 * params, "wrapper_flops_over_core": params / core,
+            "wrapped_flops_over_dense": (core + params) / dense}
 
 
 def cmd_export(a) -> dict:
@@ -239,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantkit.errors import QuantkitError
     a = build_parser().parse_args(argv)
     try:
-        out = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,
+        out = {"quantize": cmd_quantize, "prune": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export,
                "bench": cmd_bench}[a.cmd](a)
         _write_json(getattr(a, "json", None), out)
     except QuantkitError as e:

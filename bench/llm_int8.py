@@ -89,8 +89,8 @@ def ppl(max_windows: int, n_samples: int, thresholds: list[float]) -> dict:
     res["outlier_columns"] = {n: int(t[f"{n}.outlier_cols"].numel()) for n in layers if f"{n}.outlier_cols" in t}
     res["bits_per_weight"] = rep.bits_per_weight
     res["ratio_vs_fp32"] = {k: v / res["fp32"] for k, v in res.items() if k.startswith(("llm_int8", "int8"))}
-    res["protocol"] = (f"SmolLM2-135M; calibration {n_samples} x 512 austen tokens (outlier columns: "
-                       f"act absmax >= 6); ppl on the first {max_windows} x 1024-token windows of "
+    res["protocol"] = (f"SmolLM2-135M; calibration {n_samples} x 512 austen tokens (fp16 outlier "
+                       f"columns: act absmax >= {recipe.llm_int8_threshold:g}, the recipe's threshold); ppl on the first {max_windows} x 1024-token windows of "
                        "Pride and Prejudice; llm_int8_threshold_T = LLM.int8 arithmetic with outlier threshold T, "
                        "int8_weights_only = the int8 weights with fp activations (reference kernel)")
     print(json.dumps(res, indent=1))

@@ -7,39 +7,21 @@ max-windows 1024-token windows of Pride and Prejudice (never in calibration).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from pathlib import Path
 
-import yaml
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
-from quantkit.pipeline import run  # noqa: E402
-from quantkit.recipe import load_recipe  # noqa: E402
+from ppl_common import table_parser, table_setup
+from evals.perplexity import perplexity
+from quantkit.pipeline import run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default="llama")
-    ap.add_argument("--max-windows", type=int, default=40)
+    ap = table_parser("bench/results/smollm2_ppl.json", 40)
     ap.add_argument("--configs", default="3:128,4:128,4:-1,2:64")
     ap.add_argument("--methods", default="rtn,gptq")
-    ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
-    ap.add_argument("--label", default="", help="suffix for the result keys of this variant")
-    ap.add_argument("--out", default="bench/results/smollm2_ppl.json")
     a = ap.parse_args()
-    base = load_recipe(a.recipe)
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    path = Path(a.out)
-    results = json.loads(path.read_text()) if path.exists() else {}
-    ids = eval_ids_with_baseline(base, a.max_windows, results)
+    base, overrides, path, results, ids = table_setup(a)
     ev = lambda m: perplexity(m, ids, base.eval.seqlen, a.max_windows)  # noqa: E731
-    print(f"fp32 ppl {results['fp32']['ppl']:.3f}", flush=True)
     for cfg in a.configs.split(","):
         bits, gs = (int(x) for x in cfg.split(":"))
         for method in a.methods.split(","):

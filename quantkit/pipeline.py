@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import json
@@ -22,6 +23,7 @@ from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import load_model
+from quantkit.prune.mask import parse_pattern
 from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
 from quantkit.quant.rotation import rotate_model
@@ -34,9 +36,10 @@ from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price,
                                         output_fisher, trace_price)
 
 import quantkit.alloc
+import quantkit.prune
 import quantkit.quant
 
-for _pkg in (quantkit.alloc, quantkit.quant):   # every allocator and compressor registers itself
+for _pkg in (quantkit.alloc, quantkit.prune, quantkit.quant):   # every allocator and compressor registers itself
     for _mod in pkgutil.iter_modules(_pkg.__path__):
         importlib.import_module(f"{_pkg.__name__}.{_mod.name}")
 
@@ -85,14 +88,19 @@ def base_spec(recipe: Recipe, bits: float | None = None) -> QSpec:
         raise QuantkitError(str(e)) from e
 
 
-def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec,
+def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec | None,
               packed: dict, info: dict) -> None:
+    t0 = time.time()
     W = weight_matrix(mod).detach().float()
     if stats is not None:
-        W = fp_target_weight(W, stats, spec.damp)
+        W = fp_target_weight(W, stats, QSpec().damp if spec is None else spec.damp)
     p = compressor(W, stats, spec)
+    seconds = time.time() - t0
+    if getattr(mod, "input_hadamard", None):     # run-time transform of the input (RSQ): part of the layer
+        p.meta["input_hadamard"] = mod.input_hadamard
     Q = p.dequantize()
-    entry = {"bits": spec.bits, "group_size": spec.group_size, "bpw": p.bits_per_weight}
+    entry = {"bits": p.meta.get("bits", 16), "group_size": p.meta.get("group_size", -1),
+             "bpw": p.bits_per_weight, "seconds": seconds}
     if stats is not None:
         E = W - Q
         entry["proxy_loss"] = float((E @ stats.H * E).sum())
@@ -198,9 +206,30 @@ def _check(recipe: Recipe) -> None:
     if recipe.sensitivity not in SENSITIVITIES:
         raise QuantkitError(f"unknown sensitivity {recipe.sensitivity!r}; choose one of: "
                             f"{', '.join(SENSITIVITIES)}")
-    for bits in recipe.bit_options if mixed else [recipe.bits]:   # bad specs fail before loading
-        base_spec(recipe, bits)
+    if recipe.prune is not None:
+        _check_prune(recipe)
+    else:
+        for bits in recipe.bit_options if mixed else [recipe.bits]:   # bad specs fail before loading
+            base_spec(recipe, bits)
     _token_weights(recipe)
+
+
+def _check_prune(recipe: Recipe) -> None:
+    registry.get("pruner", recipe.prune)
+    parse_pattern(recipe.pattern)
+    if recipe.alloc != "uniform":
+        raise QuantkitError("--prune with mixed precision (--alloc) is not supported: prune with one --bits")
+    if recipe.method != "gptq":
+        raise QuantkitError(f"--prune {recipe.prune} --method {recipe.method}: the kept weights of a "
+                            "pruned model are quantized by GPTQ with the mask fixed; use --method gptq")
+    if recipe.bits != 16:
+        base_spec(recipe)
+
+
+def _prune_spec(recipe: Recipe) -> QSpec | None:
+    """None keeps the kept weights in fp16 (--bits 16, `quantkit prune`); act-order is off
+    (N:M groups are consecutive input columns)."""
+    return None if recipe.bits == 16 else dataclasses.replace(base_spec(recipe), act_order=False)
 
 
 def _token_weights(recipe: Recipe) -> TokenWeights | None:
@@ -217,7 +246,7 @@ def _setup(recipe: Recipe, need_data: bool):
     device = check_device(recipe.device)
     model, tokenizer, source = load_model(recipe.model)
     if recipe.method == "rsq" and recipe.rsq.rotate:
-        rotate_model(model, recipe.rsq.seed)    # before calibration: every statistic is of the rotated model
+        rotate_model(model, recipe.rsq.seed, recipe.rsq.online_hadamard)    # before calibration: every statistic is of the rotated model
     prefix, blocks = find_blocks(model)
     layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
     batches = None
@@ -231,6 +260,10 @@ def _setup(recipe: Recipe, need_data: bool):
 
 def _compressor(recipe: Recipe):
     """The recipe's compressor, with its method-specific recipe options bound."""
+    if recipe.prune is not None:
+        n, m = parse_pattern(recipe.pattern)
+        opts = {} if recipe.prune != "armor" else asdict(recipe.armor)
+        return functools.partial(registry.get("pruner", recipe.prune), n=n, m=m, **opts)
     compressor = registry.get("compressor", recipe.method)
     if recipe.method == "llm-int8":
         return functools.partial(compressor, threshold=recipe.llm_int8_threshold)
@@ -281,7 +314,7 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
         if recipe.report:
             write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
     else:
-        spec = base_spec(recipe)
+        spec = _prune_spec(recipe) if recipe.prune is not None else base_spec(recipe)
         plan = {name: spec for name in layer_names}
     packed, info = compress_model(model, batches, plan, compressor, device,
                                   recipe.true_sequential, recipe.fp_target, progress,
@@ -289,7 +322,8 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
     model.to("cpu")
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
-    report = Report(method=recipe.method, out=recipe.out, seconds=0.0, bits_per_weight=bpw,
+    report = Report(method=recipe.method if recipe.prune is None else f"{recipe.prune} {recipe.pattern}"
+                    + ("" if recipe.bits == 16 else f" + {recipe.method}"), out=recipe.out, seconds=0.0, bits_per_weight=bpw,
                     size_bytes=0, original_size_bytes=_param_bytes(model), n_layers=len(packed),
                     layers=info)
     if recipe.out:
@@ -304,6 +338,7 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -
             (tmp / "run.json").write_text(json.dumps(_provenance(recipe, report), indent=2))
     report.seconds = time.time() - t0
     report.model, report.tokenizer = model, tokenizer  # in-memory fake-quantized model for evals
+    report.packed = packed
     report.table = table
     return report
 

@@ -32,11 +32,23 @@ class EvalConfig:
 class RSQConfig:
     """RSQ (--method rsq): rotation, then GPTQ on a token-importance-weighted Hessian."""
     rotate: bool = True             # QuaRot-style: fuse RMSNorms, random Hadamard on residual + heads
+    online_hadamard: bool = True    # rotate: also a run-time Hadamard on down_proj's input (as the paper)
     importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
     r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
     r_max: float = 1.0
     first_n: int = 64               # first_n: tokens (from the start of each window) that count
     seed: int = 0                   # seed of the random Hadamard signs
+
+
+@dataclass
+class ArmorConfig:
+    """ARMOR (--prune armor): W ≈ A·S·B with block-diagonal A, B around an N:M-sparse S."""
+    block_size: int = 32            # wrapper blocks (the reference yaml's default; its paper runs: 128)
+    iters: int = 3000               # block coordinate descent iterations per layer (reference yaml: 3000)
+    lr: float = 1e-4                # Adam step on A, B and the kept values
+    init: str = "nowag"             # starting mask: nowag (the paper's) | magnitude | wanda | sparsegpt
+    refit: bool = True              # also solve the kept values on the full Hessian; keep what is better
+    seed: int = 0
 
 
 @dataclass
@@ -57,6 +69,8 @@ class Recipe:
     fp_target: bool = True          # aim at the unquantized model's outputs (compensates drift)
     alloc: str = "uniform"          # uniform | ip | baq | pareto
     tie_fused: bool = False         # mixed: q/k/v and gate/up share a width (what vLLM/GPTQ exports need)
+    prune: str | None = None        # magnitude | wanda | sparsegpt | armor: N:M-prune every block linear
+    pattern: str = "2:4"            # prune: keep N of every M weights along the input dimension
     llm_int8_threshold: float = 6.0  # llm-int8: input features with |x| >= this take the 16-bit path
     seed: int = 0
     device: str = "cpu"
@@ -65,6 +79,7 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rsq: RSQConfig = field(default_factory=RSQConfig)
+    armor: ArmorConfig = field(default_factory=ArmorConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,7 +115,7 @@ def _build(cls, d: dict, where: str):
                             f"known: {', '.join(known)}")
     kw = {}
     for name, value in d.items():
-        sub = {"calib": CalibConfig, "eval": EvalConfig, "rsq": RSQConfig}.get(name) if cls is Recipe else None
+        sub = {"calib": CalibConfig, "eval": EvalConfig, "rsq": RSQConfig, "armor": ArmorConfig}.get(name) if cls is Recipe else None
         kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
     return cls(**kw)
 

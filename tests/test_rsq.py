@@ -13,7 +13,7 @@ from quantkit.model.runner import capture_inputs, collect_hessians, input_groups
 from quantkit.pipeline import compress_model, run
 from quantkit.quant.base import QSpec
 from quantkit.quant.gptq import gptq
-from quantkit.quant.rotation import hadamard, random_orthogonal, rotate_model
+from quantkit.quant.rotation import OnlineHadamard, hadamard, hadamard_factors, random_orthogonal, rotate_model
 from quantkit.quant.rsq import rsq
 from quantkit.recipe import CalibConfig, Recipe, RSQConfig
 from quantkit.stats.importance import (attention_probs, attention_weights, first_n_weights, rescale,
@@ -75,6 +75,26 @@ def test_rotation_keeps_fp_logits(family, tied):
     assert model.config.tie_word_embeddings is False
     norms = [p for n, p in model.named_parameters() if "norm" in n]
     assert all(torch.equal(p, torch.ones_like(p)) for p in norms)
+    assert all(b.mlp.down_proj.input_hadamard == [12, 12] for b in model.model.layers)
+
+
+@pytest.mark.parametrize("n, ab", [(144, (12, 12)), (1536, (32, 48)), (576, (24, 24)), (80, (4, 20))])
+def test_online_hadamard_is_the_kronecker_product_in_two_small_matmuls(n, ab):
+    assert hadamard_factors(n) == ab
+    t = OnlineHadamard(*ab)
+    M = t.matrix()
+    assert torch.allclose(M @ M.t(), torch.eye(n, dtype=M.dtype), atol=1e-12)
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(t(x), x @ M, atol=1e-12)
+    assert hadamard_factors(6) is None
+
+
+def test_online_hadamard_off_leaves_down_proj_alone():
+    model = perturbed("llama")
+    down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    rotate_model(model, seed=0, online=False)
+    assert not hasattr(model.model.layers[0].mlp.down_proj, "input_hadamard")
+    assert not torch.allclose(model.model.layers[0].mlp.down_proj.weight, down)   # outputs still rotated
 
 
 def test_rotation_rejects_other_architectures():
@@ -173,8 +193,17 @@ def test_rsq_pipeline_saves_and_loads_the_same_model(tied_ckpt, tmp_path):
     loaded = quantkit.load(tmp_path / "q", kernel="reference")
     assert loaded.config.tie_word_embeddings is False
     assert (outputs(loaded, ids) - fake).norm() / fake.norm() < 1e-5
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")        # the fast kernel, bf16 activations
+    assert torch.equal(outputs(hf, ids), outputs(quantkit.load(tmp_path / "q"), ids))
+    assert (outputs(hf, ids) - fake).norm() / fake.norm() < 1e-2
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved["recipe"]["rsq"]["seed"] == 1 and len(saved["layers"]) == 14
+    assert [n for n, v in saved["layers"].items() if v.get("input_hadamard") == [12, 12]] == \
+        [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    from quantkit.formats.export import export
+    with pytest.raises(QuantkitError, match="online Hadamard"):
+        export(tmp_path / "q", tmp_path / "ct", "gptq")
 
 
 def test_cli_rsq_with_ip_allocation(tied_ckpt, tmp_path):

@@ -217,6 +217,11 @@ def export(src: str | Path, out: str | Path, fmt: str) -> dict:
     manifest = read_manifest(src)
     tensors = load_tensors(src)
     packed = packed_from_tensors(tensors, manifest)
+    online = [n for n, p in packed.items() if "input_hadamard" in p.meta]
+    if online:
+        raise QuantkitError(f"{online[0]} (and {len(online) - 1} more) multiply their input by an online "
+                            f"Hadamard at run time (RSQ), which {fmt} loaders do not do; re-quantize with "
+                            "`rsq.online_hadamard: false` in the recipe to export")
     quant_tensors, qconfig, extra = WRITERS[fmt](packed, src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig

@@ -154,4 +154,4 @@ def _dequantize_levels(p: PackedLinear) -> Tensor:
 
 # Formats defined in their own modules register on import; importing them here means every
 # checkpoint that names them can be read.
-from quantkit.formats import llm_int8, lut  # noqa: E402,F401
+from quantkit.formats import llm_int8, lut, sparse  # noqa: E402,F401

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
-from quantkit.kernels import cpu, llm_int8, lut, reference, triton
+from quantkit.kernels import cpu, llm_int8, lut, reference, sparse, triton
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -34,6 +34,8 @@ KERNELS = {k.name: k for k in (
     Kernel("cpu_llm_int8", llm_int8.supports, llm_int8.prepare_cpu, standalone=False),
     Kernel("bnb_int8", llm_int8.supports_bnb, llm_int8.prepare_bnb, standalone=False),
     Kernel("cpu_lut", lut.supports, lut.prepare),
+    Kernel("cpu_sparse", sparse.supports_cpu, sparse.prepare_cpu),
+    Kernel("cuda_sparse", sparse.supports_cuda, sparse.prepare_cuda),
 )}
 
 TABLE: dict[tuple[str, str], tuple[str, ...]] = {
@@ -42,6 +44,8 @@ TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("llm-int8", "cpu"): ("cpu_llm_int8",),
     ("lut", "cpu"): ("cpu_lut", "reference"),
     ("llm-int8", "cuda"): ("bnb_int8", "llm_int8_emulated"),
+    ("sparse", "cpu"): ("cpu_sparse", "reference"),
+    ("sparse", "cuda"): ("cuda_sparse", "reference"),
 }
 
 _warned: set[tuple[str, str]] = set()

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
 from quantkit.kernels import select
+from quantkit.quant.rotation import OnlineHadamard
 
 
 class QuantLinear(nn.Module):
@@ -29,6 +30,9 @@ class QuantLinear(nn.Module):
         self._forward = None
         self._prepared_for = None
         self._released = False
+        # an online Hadamard (RSQ) multiplies the input before the stored weight does
+        had = self.meta.get("input_hadamard")
+        self._input_transform = None if had is None else OnlineHadamard(*had)
 
     def _check_packed(self, what: str) -> None:
         if self._released:
@@ -66,6 +70,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.prepare(x.device.type)
+        if self._input_transform is not None:
+            x = self._input_transform(x)
         return self._forward(x)
 
     def extra_repr(self) -> str:

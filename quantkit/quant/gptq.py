@@ -46,8 +46,9 @@ def _blocks(in_f: int, gw: int, dynamic: bool, block: int, inner: int) -> tuple[
 
 
 def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int = 16,
-               levels: Tensor | None = None, col_loss: Tensor | None = None
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               levels: Tensor | None = None, col_loss: Tensor | None = None,
+               keep: Tensor | None = None, nm: tuple[int, int] | None = None,
+               round_values: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GPTQ on W [out, in] with Hessian H [in, in].
 
     Returns codes [out, in] (original column order), scales and zeros [out, G], and g_idx
@@ -57,8 +58,19 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int =
     w = (q·r - z)·s with r = (2^bits - 1)/(levels[j] - 1) and q < levels[j]; one level prunes
     the column to 0. All levels = 2^bits is plain GPTQ. col_loss [in], when given, receives
     each column's share of the GPTQ loss, Σ_rows (w - ŵ)² / [H⁻¹]_jj.
+
+    Pruning (SparseGPT, Frantar & Alistarh): keep [out, in] bool marks the weights kept; with
+    nm = (n, m) it is filled in place as the columns are reached: in every m consecutive columns
+    each row keeps the n weights of largest w²/[U]_jj² (U the upper Cholesky factor of H⁻¹),
+    judged on the error-updated weights; without nm it is a fixed mask. Pruned weights become 0
+    and their error is fed back like a rounding error. round_values False: prune only; the first
+    result is then the updated weights (float), not codes. Both need act_order off.
     """
     out_f, in_f = W.shape
+    if (keep is not None or nm is not None) and spec.act_order:
+        raise QuantkitError("pruning keeps groups of consecutive columns: use act_order off")
+    if nm is not None and (keep is None or inner % nm[1] or block % nm[1]):
+        raise ValueError("nm pruning needs a keep tensor to fill and blocks that are multiples of m")
     W, H = W.float().clone(), H.float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1
@@ -91,6 +103,7 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int =
         lv = (levels if perm is None else levels[perm]).tolist()
         ratio = [maxq / (m - 1) if m > 1 else 0.0 for m in lv]
     losses = torch.empty(in_f, device=W.device) if col_loss is not None else None
+    keep_t = None if keep is None else keep.t().contiguous()
     for i1 in range(0, in_f, outer):
         i2 = min(i1 + outer, in_f)
         err = torch.empty(i2 - i1, out_f, device=W.device)
@@ -106,7 +119,13 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int =
                     g = col_group[j]
                 s, z = st[g], zt[g]
                 w = Wt[j]
-                if levels is None or ratio[j] == 1.0:
+                if nm is not None and j % nm[1] == 0:   # choose this group's kept weights now
+                    score = Wt[j:j + nm[1]] ** 2 / U.diagonal()[j:j + nm[1], None] ** 2
+                    top = torch.topk(score, nm[0], dim=0).indices
+                    keep_t[j:j + nm[1]] = torch.zeros_like(score, dtype=torch.bool).scatter_(0, top, True)
+                if not round_values:
+                    q = deq = w * keep_t[j]
+                elif levels is None or ratio[j] == 1.0:
                     q = torch.clamp(torch.round(w / s) + z, 0, maxq)
                     deq = (q - z) * s
                 elif ratio[j]:
@@ -114,6 +133,8 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int =
                     deq = (q * ratio[j] - z) * s
                 else:
                     q = deq = torch.zeros_like(w)
+                if keep_t is not None and round_values:
+                    deq = deq * keep_t[j]
                 codes_t[j] = q
                 e = torch.sub(w, deq).div_(diag[j])
                 err[j - i1] = e
@@ -136,7 +157,10 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int =
             losses = losses[inv]
     if col_loss is not None:
         col_loss.copy_(losses)
-    return codes.to(torch.int32).contiguous(), scales, zeros, g_idx
+    if keep is not None:
+        keep.copy_(keep_t.t())
+    codes = codes.to(torch.int32) if round_values else codes
+    return codes.contiguous(), scales, zeros, g_idx
 
 
 @register("compressor", "gptq")

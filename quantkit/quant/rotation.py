@@ -5,6 +5,10 @@ RMSNorm scales are folded into the linears that read them; then a seeded random 
 (Hadamard · diag(±1) / √d) rotates the residual stream: x ↦ xQ commutes with a unit-weight
 RMSNorm (the RMS is rotation invariant), readers absorb Q on their input side and writers Qᵀ
 on their output side. A per-head Hadamard between v_proj and o_proj rotates the values.
+The MLP's intermediate activations cannot be rotated offline (SwiGLU is elementwise), so, as
+QuaRot and RSQ do, down_proj gets an online Hadamard: its input is multiplied at run time by
+a fixed normalised Hadamard M (no random signs) and its weight by M, which leaves the product
+unchanged and spreads the intermediate outliers before down_proj is quantized.
 
 Hadamard matrices of order 2^k · m come from Sylvester doubling, Paley I (q prime, q ≡ 3 mod
 4: order q + 1) and Paley II (q ≡ 1 mod 4: order 2(q + 1)) and Kronecker products of those,
@@ -161,9 +165,59 @@ def _rotate_heads(attn: nn.Module, seed: int) -> None:
     _rotate_inputs(attn.o_proj, torch.block_diag(*[Hh] * n_q))
 
 
+def hadamard_factors(n: int) -> tuple[int, int] | None:
+    """Orders (a, b), a·b = n, of known Hadamard constructions with a + b smallest: the online
+    transform is H_a ⊗ H_b, applied as two small matmuls (n·(a + b) operations, not n²)."""
+    pairs = [(a, n // a) for a in range(1, n + 1) if n % a == 0
+             and _hadamard(a) is not None and _hadamard(n // a) is not None]
+    return min(pairs, key=sum) if pairs else None
+
+
+class OnlineHadamard:
+    """x ↦ x·(H_a ⊗ H_b)/√(ab) over the last dimension (an orthogonal map, its own inverse up to
+    transposition); the factors are cast once per device and dtype."""
+
+    def __init__(self, a: int, b: int):
+        self.a, self.b = a, b
+        self._cache: dict = {}
+
+    def matrix(self) -> Tensor:
+        """The dense orthogonal matrix M (float64) the transform multiplies by."""
+        return torch.kron(_hadamard(self.a), _hadamard(self.b)) / math.sqrt(self.a * self.b)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = tuple((_hadamard(k) / math.sqrt(k)).to(x.device, x.dtype) for k in (self.a, self.b))
+        A, B = self._cache[key]
+        X = x.reshape(*x.shape[:-1], self.a, self.b)
+        return (A.t() @ X @ B).reshape(x.shape)   # (X (A ⊗ B)) as row vector = Aᵀ X B as a·b matrix
+
+
+def install_online_hadamard(lin: nn.Module, a: int, b: int) -> None:
+    """Run-time half of the online Hadamard: the layer's input is transformed before it."""
+    fn = OnlineHadamard(a, b)
+    lin.input_hadamard = [a, b]
+    lin.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> None:
-    """Fuse the norms and rotate the residual stream and the values in place; logits unchanged."""
+def add_online_hadamard(lin: nn.Linear) -> None:
+    """W ← W M and x ↦ x M at run time (M orthogonal): same outputs, outliers spread."""
+    ab = hadamard_factors(lin.weight.shape[1])
+    if ab is None:
+        warnings.warn(f"no Hadamard of order {lin.weight.shape[1]}: no online Hadamard there", stacklevel=2)
+        return
+    _rotate_inputs(lin, OnlineHadamard(*ab).matrix())
+    install_online_hadamard(lin, *ab)
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, seed: int = 0, online: bool = True) -> None:
+    """Fuse the norms and rotate the residual stream and the values in place; logits unchanged.
+
+    online: also the online Hadamard before every down_proj (a run-time hook; checkpoints
+    record it in the layer's metadata and loaders install it again)."""
     fuse_norms(model)
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     emb = model.get_input_embeddings()
@@ -176,4 +230,6 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         for lin in (a.o_proj, m.down_proj):
             _rotate_outputs(lin, Q)
         _rotate_heads(a, seed + 1 + i)
+        if online:
+            add_online_hadamard(m.down_proj)
     _rotate_inputs(model.get_output_embeddings(), Q)

@@ -1,0 +1,37 @@
+"""What the perplexity-table benches share: arguments, recipe overrides, the results file, eval ids."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from evals.perplexity import eval_ids_with_baseline  # noqa: E402
+from quantkit.recipe import load_recipe  # noqa: E402
+
+
+def table_parser(out: str, max_windows: int) -> argparse.ArgumentParser:
+    """--recipe, --max-windows, --set KEY=VALUE, --label, --out."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="llama")
+    ap.add_argument("--max-windows", type=int, default=max_windows)
+    ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
+    ap.add_argument("--label", default="", help="suffix for the result keys of this variant")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def table_setup(a):
+    """(base recipe, overrides, results path, results so far with the fp32 row, eval token ids)."""
+    base = load_recipe(a.recipe)
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    path = Path(a.out)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    ids = eval_ids_with_baseline(base, a.max_windows, results)
+    print(f"fp32 ppl {results['fp32']['ppl']:.3f}", flush=True)
+    return base, overrides, path, results, ids
