@@ -33,14 +33,17 @@ def _check_groups(spec: QSpec | None, n: int, m: int) -> None:
 
 
 def _pack(W: Tensor, keep: Tensor, H: Tensor, spec: QSpec | None, n: int, m: int,
-          pre: Tensor | None = None, post: Tensor | None = None, feedback: bool = False) -> PackedLinear:
+          pre: Tensor | None = None, post: Tensor | None = None, feedback: bool = False,
+          choose: bool = False) -> PackedLinear:
     """fp16 kept weights (spec None; with feedback, updated by the pruning error fed back
-    through H), or GPTQ codes on spec's grid with the mask fixed."""
+    through H), or GPTQ codes on spec's grid with the mask fixed. choose: the mask is not
+    given but picked group by group by SparseGPT's rule (keep is filled in place)."""
     _check_groups(spec, n, m)
     if spec is None and not feedback:
         return make_sparse(W * keep, keep, n, m, pre=pre, post=post)
     base = replace(PRUNE_ONLY if spec is None else spec, act_order=False)
-    vals, scales, zeros, _ = gptq_codes(W, H, base, keep=keep.clone(), round_values=spec is not None)
+    vals, scales, zeros, _ = gptq_codes(W, H, base, keep=keep, nm=(n, m) if choose else None,
+                                        round_values=spec is not None)
     if spec is None:
         return make_sparse(vals, keep, n, m, pre=pre, post=post)
     return make_sparse_int(vals, keep, scales, None if spec.sym else zeros, spec.bits,
@@ -67,15 +70,7 @@ def sparsegpt(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 
     if stats is None:
         raise QuantkitError("SparseGPT needs calibration statistics (a Hessian)")
     check_width(W.shape[1], m)
-    _check_groups(spec, n, m)
-    keep = torch.zeros_like(W, dtype=torch.bool)
-    base = PRUNE_ONLY if spec is None else spec
-    vals, scales, zeros, _ = gptq_codes(W, stats.H, replace(base, act_order=False), keep=keep,
-                                        nm=(n, m), round_values=spec is not None)
-    if spec is None:
-        return make_sparse(vals, keep, n, m)
-    return make_sparse_int(vals, keep, scales, None if spec.sym else zeros, spec.bits,
-                           spec.group_size, n, m)
+    return _pack(W, torch.zeros_like(W, dtype=torch.bool), stats.H, spec, n, m, feedback=True, choose=True)
 
 
 def _block_inverse(blocks: Tensor, d: int) -> Tensor:
