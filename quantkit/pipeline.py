@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import importlib
 import json
@@ -25,7 +24,7 @@ from quantkit.model.discovery import find_blocks, fused_groups, linears, set_wei
 from quantkit.model.loader import load_model
 from quantkit.prune.mask import parse_pattern
 from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
-from quantkit.quant.base import LayerStats, QSpec, fp_target_weight
+from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss
 from quantkit.quant.rotation import rotate_model
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
@@ -102,8 +101,7 @@ def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, s
     entry = {"bits": p.meta.get("bits", 16), "group_size": p.meta.get("group_size", -1),
              "bpw": p.bits_per_weight, "seconds": seconds}
     if stats is not None:
-        E = W - Q
-        entry["proxy_loss"] = float((E @ stats.H * E).sum())
+        entry["proxy_loss"] = proxy_loss(W - Q, stats.H)
     set_weight_matrix(mod, Q)
     packed[name] = p
     info[name] = entry
@@ -227,9 +225,9 @@ def _check_prune(recipe: Recipe) -> None:
 
 
 def _prune_spec(recipe: Recipe) -> QSpec | None:
-    """None keeps the kept weights in fp16 (--bits 16, `quantkit prune`); act-order is off
-    (N:M groups are consecutive input columns)."""
-    return None if recipe.bits == 16 else dataclasses.replace(base_spec(recipe), act_order=False)
+    """None keeps the kept weights in fp16 (--bits 16, `quantkit prune`); the pruners turn
+    act-order off themselves (N:M groups are consecutive input columns)."""
+    return None if recipe.bits == 16 else base_spec(recipe)
 
 
 def _token_weights(recipe: Recipe) -> TokenWeights | None:

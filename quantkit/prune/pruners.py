@@ -16,7 +16,7 @@ from quantkit.formats.packed import PackedLinear
 from quantkit.formats.sparse import block_diag_apply, make_sparse, make_sparse_int
 from quantkit.prune.armor import armor_factorize
 from quantkit.prune.mask import check_width, nm_mask
-from quantkit.quant.base import LayerStats, QSpec
+from quantkit.quant.base import LayerStats, QSpec, proxy_loss
 from quantkit.quant.gptq import gptq_codes
 from quantkit.registry import register
 
@@ -85,11 +85,6 @@ def _block_inverse(blocks: Tensor, d: int) -> Tensor:
     return torch.linalg.inv(full)
 
 
-def _proxy(W: Tensor, Q: Tensor, H: Tensor) -> float:
-    E = W - Q
-    return float((E @ H * E).sum())
-
-
 @register("pruner", "armor")
 def armor(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m: int = 4,
           block_size: int = 32, iters: int = 3000, lr: float = 1e-4, init: str = "nowag",
@@ -119,4 +114,4 @@ def armor(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m
         T = block_diag_apply(_block_inverse(post, W.shape[0]), W, "left")
         T = block_diag_apply(_block_inverse(pre, W.shape[1]), T, "right")
         packs.append(_pack(T, r.mask, Hz, spec, n, m, pre, post, feedback=True))
-    return min(packs, key=lambda p: _proxy(W, p.dequantize(), stats.H))
+    return min(packs, key=lambda p: proxy_loss(W - p.dequantize(), stats.H))

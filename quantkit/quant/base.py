@@ -63,6 +63,11 @@ def fit_groups(W: Tensor, spec: QSpec, weight: Tensor | None = None) -> tuple[Te
     return torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
+def proxy_loss(E: Tensor, H: Tensor) -> float:
+    """tr(E H Eᵀ): the layer's output error on the calibration inputs (H = mean x xᵀ)."""
+    return float(((E @ H) * E).sum())
+
+
 def fp_target_weight(W: Tensor, stats: LayerStats, damp: float = 0.01) -> Tensor:
     """The weight V that best maps this layer's actual inputs to the full-precision outputs.
 

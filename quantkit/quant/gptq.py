@@ -17,7 +17,7 @@ from quantkit.errors import QuantkitError
 from quantkit.alloc.baq import column_levels
 from quantkit.formats.packed import PackedLinear, make_int, make_levels, n_groups
 from quantkit.formats.packing import words_per_row
-from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width
+from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width, proxy_loss
 from quantkit.quant.grid import fit_grid
 from quantkit.registry import register
 
@@ -195,6 +195,5 @@ def gptq_baq(W: Tensor, stats: LayerStats | None, spec: QSpec, keep_better: bool
                       spec.group_size, g_idx)
 
     def proxy(p: PackedLinear) -> float:
-        E = W - p.dequantize()
-        return float((E @ stats.H * E).sum())
+        return proxy_loss(W - p.dequantize(), stats.H)
     return baq if not keep_better or proxy(baq) < proxy(plain) else plain

@@ -32,7 +32,7 @@ from torch import Tensor
 from quantkit.errors import QuantkitError
 from quantkit.formats.lut import lut_dequantize, make_lut
 from quantkit.formats.packed import PackedLinear, group_index
-from quantkit.quant.base import LayerStats, QSpec, group_width
+from quantkit.quant.base import LayerStats, QSpec, group_width, proxy_loss
 from quantkit.quant.gptq import inverse_hessian_factor
 from quantkit.quant.grid import _to_storage
 from quantkit.registry import register
@@ -132,11 +132,6 @@ def fake_quantize(W: Tensor, a: float, spec: QSpec, weight: Tensor | None = None
     """Q_a(W): the weight the "lut" format stores for W at exponent a (fp32, bit-exact)."""
     codes, scales, lut = power_quantize(W, a, spec, weight, flip, steps)
     return lut_dequantize(codes, lut, scales, group_index(W.shape[1], spec.group_size, W.device).long())
-
-
-def proxy_loss(E: Tensor, H: Tensor) -> float:
-    """tr(E H Eᵀ): the layer's output error on the calibration inputs (H = mean x xᵀ)."""
-    return float(((E @ H) * E).sum())
 
 
 def search_exponent(loss, grid: tuple[float, ...] = EXPONENT_GRID, refine: int = 5) -> float:

@@ -194,13 +194,6 @@ class OnlineHadamard:
         return (A.t() @ X @ B).reshape(x.shape)   # (X (A ⊗ B)) as row vector = Aᵀ X B as a·b matrix
 
 
-def install_online_hadamard(lin: nn.Module, a: int, b: int) -> None:
-    """Run-time half of the online Hadamard: the layer's input is transformed before it."""
-    fn = OnlineHadamard(a, b)
-    lin.input_hadamard = [a, b]
-    lin.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
-
-
 @torch.no_grad()
 def add_online_hadamard(lin: nn.Linear) -> None:
     """W ← W M and x ↦ x M at run time (M orthogonal): same outputs, outliers spread."""
@@ -208,8 +201,10 @@ def add_online_hadamard(lin: nn.Linear) -> None:
     if ab is None:
         warnings.warn(f"no Hadamard of order {lin.weight.shape[1]}: no online Hadamard there", stacklevel=2)
         return
-    _rotate_inputs(lin, OnlineHadamard(*ab).matrix())
-    install_online_hadamard(lin, *ab)
+    fn = OnlineHadamard(*ab)
+    _rotate_inputs(lin, fn.matrix())
+    lin.input_hadamard = list(ab)        # the pipeline copies it into the layer's packed metadata
+    lin.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from quantkit.alloc.table import CostTable
 from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
 from quantkit.model.runner import collect_hessians, input_groups, walk_blocks
-from quantkit.quant.base import QSpec
+from quantkit.quant.base import QSpec, proxy_loss
 
 
 def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
@@ -57,7 +57,7 @@ Price = Callable[[str, Tensor, Tensor], float]   # (layer, error W - Q, H) -> co
 
 
 def hessian_price(name: str, E: Tensor, H: Tensor) -> float:
-    return float((E @ H * E).sum())
+    return proxy_loss(E, H)
 
 
 def fisher_price(row_weights: dict[str, Tensor]) -> Price:
