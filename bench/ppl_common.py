@@ -35,3 +35,12 @@ def table_setup(a):
     ids = eval_ids_with_baseline(base, a.max_windows, results)
     print(f"fp32 ppl {results['fp32']['ppl']:.3f}", flush=True)
     return base, overrides, path, results, ids
+
+
+def write_row(path: Path, results: dict, key: str, res: dict) -> dict:
+    """results plus one row, written out; the file is re-read first so that rows written by a
+    run beside this one stay."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = {**results, **(json.loads(path.read_text()) if path.exists() else {}), key: res}
+    path.write_text(json.dumps(results, indent=2))
+    return results

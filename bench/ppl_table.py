@@ -7,10 +7,9 @@ max-windows 1024-token windows of Pride and Prejudice (never in calibration).
 """
 from __future__ import annotations
 
-import json
 import time
 
-from ppl_common import table_parser, table_setup
+from ppl_common import table_parser, table_setup, write_row
 from evals.perplexity import perplexity
 from quantkit.pipeline import run
 
@@ -34,12 +33,9 @@ def main() -> None:
             res = ev(rep.model)
             res.update(seconds=time.time() - t, bits_per_weight=rep.bits_per_weight,
                        recipe=r.to_dict(), ratio=res["ppl"] / results["fp32"]["ppl"])
-            results[key] = res
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2))
+            results = write_row(path, results, key, res)
             print(f"{key}: ppl {res['ppl']:.3f} (x{res['ratio']:.3f}) {res['bits_per_weight']:.3f} bpw "
                   f"{res['seconds']:.0f}s", flush=True)
-    path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

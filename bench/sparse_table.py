@@ -9,11 +9,10 @@ Calibration: the llama recipe's (austen books, 512-token windows); eval: the fir
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
-from ppl_common import table_parser, table_setup
+from ppl_common import table_parser, table_setup, write_row
 from evals.perplexity import perplexity
 from quantkit.pipeline import run
 
@@ -47,8 +46,7 @@ def main() -> None:
             dense = sum(p.shape[0] * p.shape[1] for p in rep.packed.values())
             res.update(wrapper_params=wrappers, wrapper_params_over_dense=wrappers / dense,
                        wrapper_flops_over_core=wrappers / (dense / 2))
-        results = {**(json.loads(path.read_text()) if path.exists() else {}), key: res}  # rows run beside this one
-        path.write_text(json.dumps(results, indent=2))
+        results = write_row(path, results, key, res)
         print(f"{key}: ppl {res['ppl']:.3f} (x{res['ratio']:.3f}) {res['bits_per_weight']:.3f} bpw, "
               f"{res['layer_seconds']['mean']:.2f} s/layer, {res['seconds']:.0f} s", flush=True)
 

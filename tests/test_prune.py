@@ -122,6 +122,24 @@ def test_armor_pruner_refit_only_lowers_the_full_hessian_loss():
         armor(W, st, QSpec(bits=4, group_size=30), block_size=16, iters=1)
 
 
+@pytest.mark.parametrize("spec", [None, QSpec(bits=4, group_size=32, act_order=False)])
+def test_armor_from_a_baseline_never_ends_above_it(spec):
+    """Started from SparseGPT's mask, the layer's tr(E H Eᵀ) is at most SparseGPT's; where the
+    baseline is kept the layer stores no wrappers, so it is SparseGPT's layer exactly."""
+    wrapped = []
+    for seed in range(3):
+        W, st = layer(out_f=32, in_f=64, seed=seed)
+        base = sparsegpt(W, st, spec)
+        for iters in (0, 20):
+            p = armor(W, st, spec, block_size=16, iters=iters, init="sparsegpt")
+            assert proxy(W, p.dequantize(), st.H) <= proxy(W, base.dequantize(), st.H)
+            wrapped.append("pre" in p.tensors)
+            if not wrapped[-1]:
+                assert p.tensors.keys() == base.tensors.keys()
+                assert all(torch.equal(t, base.tensors[k]) for k, t in p.tensors.items())
+    assert not all(wrapped)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("prune")

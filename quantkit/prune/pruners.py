@@ -97,19 +97,23 @@ def armor(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m
     Hessian (S's inputs are B x, its target A⁻¹ W B⁻¹, error fed back through the kept weights
     as SparseGPT does); the result is kept only where it lowers tr(E H Eᵀ) of the whole layer.
     Quantized (spec given), the core is rounded the same way, GPTQ with the mask fixed.
+    Started from a baseline, the baseline's own layer (no wrappers) is a candidate too: the
+    fit lowers ARMOR's diagonal proxy, not always tr(E H Eᵀ), and the layer keeps the lower one.
     """
     if stats is None:
         raise QuantkitError("ARMOR needs calibration statistics (input second moments)")
-    init_mask = None
+    init_mask, packs = None, []
     if init != "nowag":
         if init not in ("magnitude", "wanda", "sparsegpt"):
             raise QuantkitError(f"armor init {init!r}: choose nowag, magnitude, wanda or sparsegpt")
-        base = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}[init](W, stats, None, n, m)
+        baseline = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}[init]
+        base = baseline(W, stats, None, n, m)
         init_mask = base.dequantize() != 0
+        packs.append(base if spec is None else baseline(W, stats, spec, n, m))
     r = armor_factorize(W, stats.H.diagonal(), n, m, block_size, iters, lr, init_mask, seed)
     pre, post = r.pre.half().float(), r.post.half().float()      # what the checkpoint stores
     Hz = block_diag_apply(pre.transpose(1, 2), block_diag_apply(pre, stats.H, "left"), "right")
-    packs = [_pack(r.core, r.mask, Hz, spec, n, m, pre, post)]
+    packs.append(_pack(r.core, r.mask, Hz, spec, n, m, pre, post))
     if refit:
         T = block_diag_apply(_block_inverse(post, W.shape[0]), W, "left")
         T = block_diag_apply(_block_inverse(pre, W.shape[1]), T, "right")
