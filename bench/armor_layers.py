@@ -12,25 +12,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from quantkit import registry  # noqa: E402
-from quantkit.calib.text import calibration_batches  # noqa: E402
-from quantkit.model.discovery import find_blocks, linears, weight_matrix  # noqa: E402
-from quantkit.model.loader import load_model  # noqa: E402
-from quantkit.prune import pruners  # noqa: E402,F401  (registers the pruners)
-from quantkit.prune.armor import armor_dense, armor_factorize  # noqa: E402
-from quantkit.quant.base import proxy_loss  # noqa: E402
-from quantkit.recipe import load_recipe  # noqa: E402
-from quantkit.stats.hessian import HessianAccumulator  # noqa: E402
+from ppl_common import parse_sets
+from quantkit import registry
+from quantkit.calib.text import calibration_batches
+from quantkit.model.discovery import find_blocks, linears, weight_matrix
+from quantkit.model.loader import load_model
+from quantkit.prune import pruners  # noqa: F401  (registers the pruners)
+from quantkit.prune.armor import armor_dense, armor_factorize
+from quantkit.quant.base import proxy_loss
+from quantkit.recipe import load_recipe
+from quantkit.stats.hessian import HessianAccumulator
 
 BASELINES = ("magnitude", "wanda", "sparsegpt")
 
@@ -57,8 +53,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
     ap.add_argument("--out", default="bench/results/armor_layers.json")
     a = ap.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    r = load_recipe(a.recipe).with_overrides(**{"calib.n_samples": 32, **overrides})
+    r = load_recipe(a.recipe).with_overrides(**{"calib.n_samples": 32, **parse_sets(a.set)})
     torch.manual_seed(r.seed)
     model, tok, _ = load_model(r.model)
     batches = calibration_batches(tok, r.calib.dataset, r.calib.n_samples, r.calib.seqlen, r.seed,
@@ -71,15 +66,13 @@ def main() -> None:
     for (i, name), st in stats.items():
         W = weight_matrix(blocks[i].get_submodule(name)).detach().float()
         ref = proxy_loss(W, st.H)
-        row = {"layer": i, "name": name, "shape": list(W.shape)}
+        row, packed = {"layer": i, "name": name, "shape": list(W.shape)}, {}
         for p in (*BASELINES, "armor"):
-            kw = {k: opts[k] for k in ("block_size", "iters", "lr", "init", "seed", "refit")} if p == "armor" else {}
             t = time.perf_counter()
-            packed = registry.get("pruner", p)(W, st, None, 2, 4, **kw)
-            row[p] = {"loss": proxy_loss(W - packed.dequantize(), st.H) / ref, "seconds": time.perf_counter() - t}
-        init_mask = None
-        if opts["init"] != "nowag":
-            init_mask = registry.get("pruner", opts["init"])(W, st, None, 2, 4).dequantize() != 0
+            packed[p] = registry.get("pruner", p)(W, st, None, 2, 4, **(opts if p == "armor" else {}))
+            row[p] = {"loss": proxy_loss(W - packed[p].dequantize(), st.H) / ref, "seconds": time.perf_counter() - t}
+        # the factorization alone, again, for its loss history (the pruner returns only the layer)
+        init_mask = None if opts["init"] == "nowag" else packed[opts["init"]].dequantize() != 0
         f = armor_factorize(W, st.H.diagonal(), 2, 4, opts["block_size"], opts["iters"], opts["lr"],
                             init_mask, opts["seed"])
         row["armor_fit"] = {"loss": proxy_loss(W - armor_dense(f), st.H) / ref, "seconds": f.seconds}
@@ -98,7 +91,7 @@ def main() -> None:
     res = {"protocol": f"fp inputs, {r.calib.n_samples} x {r.calib.seqlen} calibration tokens ({r.calib.dataset}); "
                        "loss = tr(E H Eᵀ) / tr(W H Wᵀ); armor_fit = the factorization alone (no refit, no "
                        "baseline fallback); armor = the pruner; armor_proxy = ARMOR's diagonal-Hessian proxy",
-           "armor": {k: opts[k] for k in ("block_size", "iters", "lr", "init", "seed", "refit")},
+           "armor": opts,
            "summary": summary, "rows": rows}
     print(json.dumps(summary, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

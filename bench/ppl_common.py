@@ -26,10 +26,15 @@ def table_parser(out: str, max_windows: int) -> argparse.ArgumentParser:
     return ap
 
 
+def parse_sets(sets: list[str]) -> dict:
+    """--set KEY=VALUE arguments as recipe overrides (values parsed as YAML)."""
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in sets)}
+
+
 def table_setup(a):
     """(base recipe, overrides, results path, results so far with the fp32 row, eval token ids)."""
     base = load_recipe(a.recipe)
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    overrides = parse_sets(a.set)
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     ids = eval_ids_with_baseline(base, a.max_windows, results)
