@@ -220,8 +220,7 @@ def _check_prune(recipe: Recipe) -> None:
     if recipe.method != "gptq":
         raise QuantkitError(f"--prune {recipe.prune} --method {recipe.method}: the kept weights of a "
                             "pruned model are quantized by GPTQ with the mask fixed; use --method gptq")
-    if recipe.bits != 16:
-        base_spec(recipe)
+    _prune_spec(recipe)                          # a bad --bits / --group-size fails before loading
 
 
 def _prune_spec(recipe: Recipe) -> QSpec | None:
