@@ -1,9 +1,16 @@
 """Named text corpora with fixed, disjoint calibration and evaluation parts.
 
-Bundled (offline, built by evals/build_corpora.py from Debian packages):
-  austen  calib: Sense and Sensibility, Emma, Mansfield Park, Northanger Abbey, Persuasion
-          eval:  Pride and Prejudice
-  pydocs  calib: the Python 3.11 library reference; eval: the tutorial and HOWTOs
+Bundled (offline, built by evals/build_corpora.py from Debian packages), six domains:
+  austen    fiction. calib: Sense and Sensibility, Emma, Mansfield Park, Northanger Abbey,
+            Persuasion; eval: Pride and Prejudice
+  pydocs    technical docs. calib: the Python 3.11 library reference; eval: tutorial, HOWTOs
+  pycode    source code. the Python standard library; every 5th file is eval
+  fortunes  quotations and jokes. eval: 7 of the topic files, calib: the others
+  gcide     dictionary (Webster 1913, WordNet). eval: letters P and R, calib: the others
+  debref    manual (the Debian Reference). eval: chapters 9 and 10, calib: the others
+Composites: `mix` (all six, the default calibration), `fold-a` (austen, pycode, gcide),
+`fold-b` (pydocs, fortunes, debref), or any comma-separated list of names. A calibration on
+one fold and an evaluation on the other is the out-of-domain protocol (evals/suite.py).
 Through `datasets` (needs the hub): wikitext2, c4, ptb. Or a path to a local text file.
 """
 from __future__ import annotations
@@ -15,7 +22,9 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 
 DATA = Path(__file__).parent / "data"
-BUNDLED = ("austen", "pydocs")
+BUNDLED = ("austen", "pydocs", "pycode", "fortunes", "gcide", "debref")
+COMPOSITES = {"mix": BUNDLED, "fold-a": ("austen", "pycode", "gcide"),
+              "fold-b": ("pydocs", "fortunes", "debref")}
 SPLITS = ("calib", "eval")
 
 # name -> (dataset args, {split: hub split}, text field)
@@ -29,13 +38,26 @@ C4_FILES = {"calib": "en/c4-train.00000-of-01024.json.gz",
 
 
 def corpus_names() -> list[str]:
-    return [*BUNDLED, *HUB]
+    return [*BUNDLED, *COMPOSITES, *HUB]
+
+
+def domains(name: str) -> tuple[str, ...]:
+    """The single corpora a (possibly composite) dataset name stands for."""
+    if name in COMPOSITES:
+        return COMPOSITES[name]
+    if "," in name:
+        parts = tuple(p.strip() for p in name.split(",") if p.strip())
+        return tuple(d for p in parts for d in domains(p))
+    return (name,)
 
 
 def load_text(name: str, split: str) -> str:
     """The text of corpus `name` for `split` ('calib' or 'eval'); documents joined by blank lines."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    if len(domains(name)) > 1:
+        raise QuantkitError(f"{name!r} names several corpora {domains(name)}: take them one by one "
+                            "(calibration mixes them itself)")
     if name in BUNDLED:
         with gzip.open(DATA / f"{name}_{split}.txt.gz", "rt", encoding="utf-8") as f:
             return f.read()

@@ -16,20 +16,23 @@ def tokenize(tokenizer, text: str) -> Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: Tensor, seqlen: int, max_windows: int | None = None,
-               bos_id: int | None = None, progress: bool = True) -> dict:
+               bos_id: int | None = None, progress: bool = True, spread: bool = False) -> dict:
     """exp(mean NLL per predicted token) over floor(N / seqlen) windows; the tail is dropped.
 
     With `bos_id` (models that need BOS), each window is BOS + seqlen-1 text tokens.
+    max_windows keeps the first ones, or with `spread` that many evenly spaced over the text
+    (a sample of the whole text rather than of its first chapter).
     """
     step = seqlen - 1 if bos_id is not None else seqlen
-    n = ids.shape[1] // step
-    if max_windows:
-        n = min(n, max_windows)
-    if n == 0:
+    total_windows = ids.shape[1] // step
+    if total_windows == 0:
         raise ValueError(f"text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    n = min(total_windows, max_windows) if max_windows else total_windows
+    starts = (torch.linspace(0, total_windows - 1, n).round().long().tolist() if spread
+              else list(range(n)))
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in tqdm(range(n), desc="perplexity", disable=not progress, leave=False):
+    for i in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
         x = ids[:, i * step:(i + 1) * step]
         if bos_id is not None:
             x = torch.cat([torch.tensor([[bos_id]]), x], dim=1)

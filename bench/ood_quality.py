@@ -1,0 +1,74 @@
+"""Out-of-domain quality of one recipe variant on SmolLM2-135M, written to bench/results/.
+
+    python bench/ood_quality.py --label gptq-w4g128 --set method=gptq --set bits=4 [--mix]
+
+The protocol (evals/suite.py): the variant is quantized twice, calibrated on fold-a (austen,
+pycode, gcide) and on fold-b (pydocs, fortunes, debref); each domain's eval part is scored by
+the model calibrated on the other fold, as a ratio to the fp32 model on the same windows, and
+`ood_geomean` is the geometric mean over the six domains. --mix also quantizes once calibrated
+on all six (the default calibration) and scores every domain ("mix_geomean": same domains as
+the calibration, disjoint text). Rows accumulate in the results file under their label.
+"""
+from __future__ import annotations
+
+import time
+
+from ppl_common import parse_sets, table_parser, write_row  # noqa: F401  (sets the offline env)
+from evals.suite import FOLDS, WINDOWS, eval_ids, evaluate, fold_domains, geomean, other_fold, ratios
+from quantkit.model.loader import load_model
+from quantkit.pipeline import run
+from quantkit.recipe import load_recipe
+
+import json
+from pathlib import Path
+
+
+def _score(recipe, ids, windows, results):
+    t = time.time()
+    rep = run(recipe, progress=False)
+    seconds = time.time() - t
+    res = evaluate(rep.model, rep.tokenizer, ids, windows=windows)
+    return res, ratios(res, {d: results["fp32"][d] for d in res}), rep.bits_per_weight, seconds
+
+
+def main() -> None:
+    ap = table_parser("bench/results/ood_quality.json", WINDOWS)
+    ap.add_argument("--mix", action="store_true", help="also calibrate on all six domains")
+    ap.add_argument("--folds", default=",".join(FOLDS), help="calibration folds to run")
+    a = ap.parse_args()
+    base = load_recipe(a.recipe).with_overrides(**parse_sets(a.set))
+    path = Path(a.out)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    model, tok, _ = load_model(base.model)
+    ids = eval_ids(tok, "mix")
+    key = f"fp32 w{a.max_windows}"
+    if key not in results:
+        results = write_row(path, results, key, evaluate(model, tok, ids, windows=a.max_windows))
+    results["fp32"] = results[key]
+    del model
+    label = a.label or "default"
+    row = {"recipe_overrides": parse_sets(a.set), "windows": a.max_windows, "domains": {}, "runs": {}}
+    for fold in a.folds.split(","):
+        target = {d: ids[d] for d in fold_domains(other_fold(fold))}
+        res, rat, bpw, sec = _score(base.with_overrides(**{"calib.dataset": fold}), target,
+                                    a.max_windows, results)
+        row["runs"][fold] = {"bits_per_weight": bpw, "seconds": sec, "geomean": rat["geomean"]}
+        for d in res:
+            row["domains"][d] = {"ppl": res[d]["ppl"], "ratio": rat[d], "calib": fold}
+        print(f"{label} calib {fold}: {', '.join(f'{d} x{rat[d]:.3f}' for d in res)} "
+              f"({bpw:.3f} bpw, {sec:.0f}s)", flush=True)
+    if len(row["domains"]) == len(ids):
+        row["ood_geomean"] = geomean(v["ratio"] for v in row["domains"].values())
+    if a.mix:
+        res, rat, bpw, sec = _score(base.with_overrides(**{"calib.dataset": "mix"}), ids,
+                                    a.max_windows, results)
+        row["mix"] = {"ratios": rat, "bits_per_weight": bpw, "seconds": sec}
+        row["mix_geomean"] = rat["geomean"]
+    row.pop("fp32", None)
+    write_row(path, {k: v for k, v in results.items() if k != "fp32"}, label, row)
+    print(f"{label}: ood x{row.get('ood_geomean', float('nan')):.4f}"
+          + (f", mix x{row['mix_geomean']:.4f}" if a.mix else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()

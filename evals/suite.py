@@ -1,0 +1,58 @@
+"""The multi-domain perplexity suite: every bundled domain, each as a ratio to fp32, and their
+geometric mean; and the out-of-domain protocol (calibrate on one fold, evaluate on the other).
+
+A quantized model is judged by `ood_ratio`: the geometric mean, over all six domains, of its
+perplexity ratio to fp32, where each domain is scored by the model calibrated on the *other*
+fold (fold-a: austen, pycode, gcide; fold-b: pydocs, fortunes, debref). No domain is ever
+evaluated by a model that saw its calibration part.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from evals.data import COMPOSITES, domains, load_text
+from evals.perplexity import perplexity, tokenize
+
+SEQLEN = 1024
+WINDOWS = 16                    # per domain, evenly spaced over its eval part
+FOLDS = ("fold-a", "fold-b")
+
+
+def other_fold(fold: str) -> str:
+    """The fold whose domains a model calibrated on `fold` is evaluated on."""
+    return FOLDS[1 - FOLDS.index(fold)]
+
+
+def needs_bos(model: nn.Module) -> bool:
+    """Gemma-family models expect BOS at the start of every window."""
+    return getattr(getattr(model, "config", None), "model_type", "").startswith("gemma")
+
+
+def eval_ids(tokenizer, dataset: str = "mix") -> dict[str, Tensor]:
+    """Token ids of the eval part of every domain `dataset` names."""
+    return {d: tokenize(tokenizer, load_text(d, "eval")) for d in domains(dataset)}
+
+
+def evaluate(model: nn.Module, tokenizer, ids: dict[str, Tensor], seqlen: int = SEQLEN,
+             windows: int | None = WINDOWS, progress: bool = False) -> dict[str, dict]:
+    """Perplexity of `model` on each domain's eval ids (windows evenly spaced)."""
+    bos = tokenizer.bos_token_id if needs_bos(model) else None
+    return {d: perplexity(model, x, seqlen, windows, bos_id=bos, progress=progress, spread=True)
+            for d, x in ids.items()}
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def ratios(results: dict[str, dict], baseline: dict[str, dict]) -> dict:
+    """Per-domain ppl / fp32 ppl, plus their geometric mean under "geomean"."""
+    r = {d: results[d]["ppl"] / baseline[d]["ppl"] for d in results}
+    return {**r, "geomean": geomean(r.values())}
+
+
+def fold_domains(fold: str) -> tuple[str, ...]:
+    return COMPOSITES[fold]
