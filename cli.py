@@ -50,7 +50,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="austen | pydocs | wikitext2 | c4 | ptb | a text file")
+    p.add_argument("--dataset", help="default: the suite (all six bundled domains, ratios to fp32); "
+                                     "one of austen | pydocs | pycode | fortunes | gcide | debref | "
+                                     "wikitext2 | c4 | ptb | a text file; or mix | fold-a | fold-b | a,b,...")
     p.add_argument("--seqlen", type=int, help="eval window length (default 1024)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     p.add_argument("--json", help="write the summary to this JSON file")
@@ -116,7 +118,7 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def cmd_quantize(a) -> dict:
-    from evals.data import load_text
+    from evals.data import domains, load_text
     from quantkit.pipeline import run
     from quantkit.recipe import load_recipe
     r = load_recipe(a.target)
@@ -136,16 +138,22 @@ def cmd_quantize(a) -> dict:
                                              "eval.max_windows": a.max_windows})
     name = Path(a.target).stem if a.model is None else Path(r.model).name
     r = r.with_overrides(out=a.out or f"out/{name}-{_run_name(r)}")
-    eval_text = load_text(r.eval.dataset, "eval") if a.eval else None  # fail before the long work
+    texts = [load_text(d, "eval") for d in domains(r.eval.dataset)] if a.eval else None  # fail early
     rep = run(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
-    if a.eval:
-        summary.update(_ppl(rep.model, rep.tokenizer, eval_text, r.eval.dataset, r.eval.seqlen,
+    if a.eval and len(texts) == 1:
+        summary.update(_ppl(rep.model, rep.tokenizer, texts[0], r.eval.dataset, r.eval.seqlen,
                             r.eval.max_windows))
+    elif a.eval:
+        from quantkit.model.loader import resolve_source
+        res = _suite(a, rep.model, rep.tokenizer, r.eval.dataset, resolve_source(r.model))
+        summary.update(dataset=res["dataset"], ppl=res["geomean_ppl"], suite=res)
     print(f"compressed {rep.n_layers} linears of {r.model} with {rep.method} in {rep.seconds:.1f}s: "
           f"{rep.bits_per_weight:.3f} bits/weight, {rep.original_size_bytes / 2**20:.1f} MiB (fp32) -> "
           f"{rep.size_bytes / 2**20:.1f} MiB -> {r.out}"
-          + (f"; ppl {summary['ppl']:.3f} on {summary['dataset']}" if a.eval else ""))
+          + (f"; ppl {summary['ppl']:.3f} on {summary['dataset']}" if a.eval else "")
+          + (f" (geomean of the domains, x{summary['suite']['geomean_ratio']:.3f} of fp32)"
+             if "suite" in summary else ""))
     return summary
 
 
@@ -157,44 +165,71 @@ def _run_name(r) -> str:
     return f"{quant}-{r.method}" + ("" if r.alloc == "uniform" else f"-{r.alloc}")
 
 
-def _ppl(model, tokenizer, text: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
-    from evals.perplexity import perplexity, tokenize
+def _causal(model) -> None:
     if not any(k in type(model).__name__ for k in ("CausalLM", "LMHead")):
         from quantkit.errors import QuantkitError
         raise QuantkitError(f"perplexity needs a causal language model, not {type(model).__name__}")
+
+
+def _ppl(model, tokenizer, text: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
+    from evals.perplexity import perplexity, tokenize
+    from evals.suite import needs_bos
+    _causal(model)
     ids = tokenize(tokenizer, text)
-    bos = tokenizer.bos_token_id if model.config.model_type.startswith("gemma") else None
+    bos = tokenizer.bos_token_id if needs_bos(model) else None
     res = perplexity(model, ids, seqlen, max_windows, bos_id=bos)
     return {**res, "dataset": dataset, "seqlen": seqlen}
 
 
 def cmd_eval(a) -> dict:
+    """One corpus or file: its perplexity. No --dataset or a composite (mix, fold-a, a,b): the
+    suite, every domain as a ratio to the fp32 original and the geometric mean."""
     import torch
     from transformers import AutoTokenizer
 
     import quantkit
-    from quantkit.model.loader import load_model
+    from evals.data import domains, load_text
+    from quantkit.formats.io import read_manifest
+    from quantkit.model.loader import load_model, resolve_source
     from quantkit.pipeline import check_device
     from quantkit.recipe import EvalConfig, find_recipe, load_recipe
-    from evals.data import load_text
     device = str(check_device(a.device or "cpu"))
     target, ev = a.target, EvalConfig()
     if find_recipe(target) and not Path(target).is_dir():
         ev = load_recipe(target).eval
     dataset = a.dataset or ev.dataset
-    text = load_text(dataset, "eval")  # fail before loading the model
+    texts = [load_text(d, "eval") for d in domains(dataset)]  # fail before loading the model
     if (Path(target) / "config.json").is_file() and '"quantkit"' in (Path(target) / "config.json").read_text():
         model = quantkit.load(target, device=device, kernel=a.kernel)
         tokenizer = AutoTokenizer.from_pretrained(target)
+        source = read_manifest(target).get("source")
     else:
         if find_recipe(target) and not Path(target).is_dir():
             target = load_recipe(target).model
-        model, tokenizer, _ = load_model(target, device)
+        model, tokenizer, source = load_model(target, device)
+        source = None                                        # the original itself: ratios are 1
+    if len(domains(dataset)) == 1:
+        with torch.no_grad():
+            res = _ppl(model, tokenizer, texts[0], dataset, a.seqlen or ev.seqlen,
+                       a.max_windows or ev.max_windows)
+        print(f"{a.target}: ppl {res['ppl']:.4f} on {res['dataset']} "
+              f"({res['tokens']} tokens, {res['windows']} windows of {res['seqlen']})")
+        return {"target": a.target, **res}
+    return _suite(a, model, tokenizer, dataset, resolve_source(source) if source else None)
+
+
+def _suite(a, model, tokenizer, dataset: str, source: str | None) -> dict:
+    import torch
+    from evals.suite import SEQLEN, WINDOWS, suite
+    _causal(model)
     with torch.no_grad():
-        res = _ppl(model, tokenizer, text, dataset, a.seqlen or ev.seqlen,
-                   a.max_windows or ev.max_windows)
-    print(f"{a.target}: ppl {res['ppl']:.4f} on {res['dataset']} "
-          f"({res['tokens']} tokens, {res['windows']} windows of {res['seqlen']})")
+        res = suite(model, tokenizer, dataset, getattr(a, "seqlen", None) or SEQLEN,
+                    a.max_windows or WINDOWS, source)
+    print(f"{'domain':10s} {'ppl':>9s} {'fp32':>9s} {'x fp32':>7s}")
+    for d, r in res["domains"].items():
+        print(f"{d:10s} {r['ppl']:9.3f} {r.get('fp32_ppl', r['ppl']):9.3f} {r.get('ratio', 1.0):7.3f}")
+    print(f"{'geomean':10s} {res['geomean_ppl']:9.3f} {'':9s} {res.get('geomean_ratio', 1.0):7.3f}   "
+          f"({res['windows']} windows of {res['seqlen']} tokens per domain)")
     return {"target": a.target, **res}
 
 

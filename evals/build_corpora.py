@@ -187,8 +187,15 @@ def build(root: Path) -> None:
     fdir = root / "usr/share/games/fortunes"
     ftopics = sorted(p for p in fdir.iterdir() if "." not in p.name and p.is_file())
     quotes = lambda ps: [q.strip() for p in ps for q in p.read_text(errors="replace").split("\n%\n") if q.strip()]  # noqa: E731
-    _write("fortunes_eval", _spread(quotes([p for p in ftopics if p.name in FORTUNES_EVAL]), EVAL_CHARS))
-    _write("fortunes_calib", _spread(quotes([p for p in ftopics if p.name not in FORTUNES_EVAL]), CALIB_CHARS))
+    ev = _spread(quotes([p for p in ftopics if p.name in FORTUNES_EVAL]), EVAL_CHARS)
+    _write("fortunes_eval", ev)
+    # topic files share quotes (wrapped differently): calibration drops any quote that has a
+    # run of 8 words in common with the eval text
+    shingles = lambda t: {" ".join(w[i:i + 8]) for w in [t.split()] for i in range(len(w) - 7)}  # noqa: E731
+    seen = shingles(ev)
+    fresh = [q for q in quotes([p for p in ftopics if p.name not in FORTUNES_EVAL])
+             if not shingles(q) & seen]
+    _write("fortunes_calib", _spread(fresh, CALIB_CHARS))
     letters = _gcide_entries(root)
     pick = lambda keep: [e for k in sorted(letters) if keep(k) for e in letters[k]]  # noqa: E731
     _write("gcide_eval", _spread(pick(lambda k: k in GCIDE_EVAL_LETTERS), EVAL_CHARS))

@@ -56,3 +56,51 @@ def ratios(results: dict[str, dict], baseline: dict[str, dict]) -> dict:
 
 def fold_domains(fold: str) -> tuple[str, ...]:
     return COMPOSITES[fold]
+
+
+def _baseline_key(source: str, domain: str, ids: Tensor, seqlen: int, windows: int | None) -> str:
+    import hashlib
+    from pathlib import Path
+    h = hashlib.sha256()
+    for f in sorted(Path(source).glob("*.safetensors")):        # the weights as they are on disk
+        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update(ids.numpy().tobytes())
+    return f"{Path(source).resolve()}|{domain}|{seqlen}|{windows}|{h.hexdigest()[:16]}"
+
+
+def fp32_baseline(source: str, ids: dict[str, Tensor], seqlen: int = SEQLEN,
+                  windows: int | None = WINDOWS, progress: bool = False) -> dict[str, dict]:
+    """The original model's results on the same windows, cached under the user cache."""
+    import json
+    from quantkit.model.loader import load_model
+    from quantkit.model.zoo import cache_dir
+    path = cache_dir() / "evals" / "fp32_baselines.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    keys = {d: _baseline_key(source, d, x, seqlen, windows) for d, x in ids.items()}
+    missing = {d: ids[d] for d, k in keys.items() if k not in cache}
+    if missing:
+        model, tok, _ = load_model(source)
+        for d, r in evaluate(model, tok, missing, seqlen, windows, progress).items():
+            cache[keys[d]] = r
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+    return {d: cache[k] for d, k in keys.items()}
+
+
+def suite(model: nn.Module, tokenizer, dataset: str = "mix", seqlen: int = SEQLEN,
+          windows: int | None = WINDOWS, source: str | None = None, progress: bool = True) -> dict:
+    """Perplexity on every domain `dataset` names and their geometric mean; with `source` (the
+    original checkpoint) also each as a ratio to its fp32 perplexity, and the ratios' geomean."""
+    ids = eval_ids(tokenizer, dataset)
+    res = evaluate(model, tokenizer, ids, seqlen, windows, progress)
+    out = {"dataset": dataset, "seqlen": seqlen, "windows": windows, "domains": res,
+           "geomean_ppl": geomean(r["ppl"] for r in res.values())}
+    if source is not None:
+        base = fp32_baseline(source, ids, seqlen, windows, progress)
+        rat = ratios(res, base)
+        for d in res:
+            res[d].update(fp32_ppl=base[d]["ppl"], ratio=rat[d])
+        out["geomean_ratio"] = rat["geomean"]
+    return out

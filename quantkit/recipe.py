@@ -23,7 +23,7 @@ class CalibConfig:
 
 @dataclass
 class EvalConfig:
-    dataset: str = "austen"
+    dataset: str = "mix"            # the suite: every bundled domain (evals/suite.py)
     seqlen: int = 1024
     max_windows: int | None = None
 
