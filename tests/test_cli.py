@@ -38,7 +38,8 @@ def ckpt(tmp_path_factory):
     return d
 
 
-def test_quantize_eval_inspect(ckpt, tmp_path):
+def test_quantize_eval_inspect(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     out, j = tmp_path / "q", tmp_path / "q.json"
     text = str(ckpt / "text.txt")
     rc = main(["quantize", str(ckpt / "model"), "--bits", "3", "--group-size", "32", "--method", "gptq",
@@ -56,6 +57,14 @@ def test_quantize_eval_inspect(ckpt, tmp_path):
     e = json.loads(j.read_text())
     assert e["dataset"] == text and e["tokens"] > 0 and 1 < e["ppl"] < 10 * VOCAB
     assert main(["inspect", str(out)]) == 0
+    # no --dataset: the suite, every bundled domain against the fp32 original named in the manifest
+    assert main(["eval", str(out), "--seqlen", "32", "--max-windows", "1", "--json", str(j)]) == 0
+    e = json.loads(j.read_text())
+    from evals.data import BUNDLED
+    from evals.suite import geomean
+    assert list(e["domains"]) == list(BUNDLED) and e["windows"] == 1
+    assert all(v["ratio"] == v["ppl"] / v["fp32_ppl"] for v in e["domains"].values())
+    assert abs(e["geomean_ratio"] - geomean(v["ratio"] for v in e["domains"].values())) < 1e-12
     model = quantkit.load(out)
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
