@@ -15,14 +15,17 @@ def _bits(v: str) -> float:
     return int(b) if b == int(b) else b
 
 
-def _options(v: str) -> list[int]:
-    try:
-        opts = sorted({int(x) for x in v.split(",")})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--bit-options takes widths like 2,3,4,8 (got {v})") from None
-    if not opts or any(b not in (2, 3, 4, 8) for b in opts):
-        raise argparse.ArgumentTypeError(f"bit options must be among 2, 3, 4, 8 (got {v})")
-    return opts
+def _options(v: str) -> list[int | str]:
+    """Widths like 2,3,4,8, each optionally with its own group size: 3:64,4:128,8."""
+    opts = []
+    for x in v.split(","):
+        bits, _, group = x.strip().partition(":")
+        ok = bits in ("2", "3", "4", "8") and (not group or group.lstrip("-").isdigit())
+        if not ok:
+            raise argparse.ArgumentTypeError(f"bit options are widths among 2, 3, 4, 8, each optionally "
+                                             f"BITS:GROUP like 4:64 (got {v})")
+        opts.append(f"{bits}:{group}" if group else int(bits))
+    return sorted(set(opts), key=lambda o: tuple(int(p) for p in str(o).split(":")))
 
 
 def _ints(v: str) -> list[int]:
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
-    q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8)")
+    q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8); BITS:GROUP gives an option "
+                        "its own group size, e.g. 3:64,4:128,8")
     q.add_argument("--tie-fused", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: one width for layers serving engines fuse (q/k/v, gate/up)")
     q.add_argument("--sensitivity", help="cost table for allocation: hessian (default) | fisher | trace | kl")

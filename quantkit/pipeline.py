@@ -87,6 +87,17 @@ def base_spec(recipe: Recipe, bits: float | None = None) -> QSpec:
         raise QuantkitError(str(e)) from e
 
 
+def option_spec(recipe: Recipe, option: int | str) -> QSpec:
+    """A mixed-precision option: a width (the recipe's group size) or "BITS:GROUP"."""
+    bits, _, group = str(option).partition(":")
+    try:
+        spec = base_spec(recipe, int(bits))
+        return spec if not group else QSpec(**{**asdict(spec), "group_size": int(group)})
+    except (ValueError, QuantkitError) as e:
+        raise QuantkitError(f"bit option {option!r}: {e}; use a width (2, 3, 4, 8) or BITS:GROUP "
+                            "like 4:64") from e
+
+
 def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec | None,
               packed: dict, info: dict) -> None:
     t0 = time.time()
@@ -207,8 +218,8 @@ def _check(recipe: Recipe) -> None:
     if recipe.prune is not None:
         _check_prune(recipe)
     else:
-        for bits in recipe.bit_options if mixed else [recipe.bits]:   # bad specs fail before loading
-            base_spec(recipe, bits)
+        for option in recipe.bit_options if mixed else [recipe.bits]:   # bad specs fail before loading
+            option_spec(recipe, option)
     _token_weights(recipe)
 
 
@@ -269,7 +280,7 @@ def _compressor(recipe: Recipe):
 
 def _recipe_table(recipe: Recipe, model: nn.Module, batches: list[torch.Tensor], names: list[str],
                   device: torch.device, progress: bool) -> CostTable:
-    options = [base_spec(recipe, b) for b in recipe.bit_options]
+    options = [option_spec(recipe, b) for b in recipe.bit_options]
     return build_table(model, first_samples(batches, recipe.calib.table_samples), names, options,
                        recipe.sensitivity, _compressor(recipe), device, progress)
 

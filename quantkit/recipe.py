@@ -57,7 +57,7 @@ class Recipe:
     model: str = "smollm2-135m"
     method: str = "gptq"
     bits: float = 4                 # uniform: the bit width; otherwise the average budget
-    bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    bit_options: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8])  # or "BITS:GROUP"
     sensitivity: str = "hessian"    # hessian | fisher | trace | kl: how the cost table prices errors
     group_size: int = 128
     sym: bool = False

@@ -186,6 +186,24 @@ def test_mixed_precision_quantize_holds_the_budget(ckpt, tmp_path, alloc):
     assert (a - b).norm() / a.norm() < 1e-2
 
 
+def test_bit_options_with_their_own_group_sizes(ckpt, tmp_path):
+    from cli import _options
+    from quantkit.pipeline import option_spec
+    assert _options("8,3:16,4,4:-1") == ["3:16", 4, "4:-1", 8]
+    r = Recipe(group_size=32)
+    assert option_spec(r, "3:16").group_size == 16 and option_spec(r, 4).group_size == 32
+    with pytest.raises(QuantkitError, match="bit option '5:16'"):
+        option_spec(r, "5:16")
+    out, j = tmp_path / "mixed-groups", tmp_path / "mg.json"
+    assert main(["quantize", str(ckpt / "model"), "--bits", "5", "--alloc", "ip", "--group-size", "32",
+                 "--bit-options", "3:16,4:-1,8", "--out", str(out), "--n-samples", "8", "--calib-seqlen",
+                 "32", "--calib-dataset", str(ckpt / "text.txt"), "--json", str(j)]) == 0
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    got = {(v["bits"], v["group_size"]) for v in layers.values()}
+    assert got <= {(3, 16), (4, -1), (8, 32)} and len(got) > 1
+    assert json.loads(j.read_text())["bits_per_weight"] <= 5 + 1e-9
+
+
 def test_infeasible_budget_is_one_clear_line(ckpt, capsys):
     rc = main(["quantize", str(ckpt / "model"), "--bits", "1.5", "--alloc", "ip", "--group-size", "32",
                "--n-samples", "4", "--calib-seqlen", "32", "--calib-dataset", str(ckpt / "text.txt")])
