@@ -40,7 +40,8 @@ def _ints(v: str) -> list[int]:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", help="N:M sparsity pattern for --prune (default 2:4)")
-    p.add_argument("--calib-dataset", help="calibration corpus (default austen)")
+    p.add_argument("--calib-dataset", help="calibration corpus: mix (default: six domains), a bundled "
+                                          "domain, fold-a | fold-b, a,b,... or a text file")
     p.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
     p.add_argument("--seed", type=int)

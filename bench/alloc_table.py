@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
+from ppl_common import single_text  # noqa: E402
 from quantkit.pipeline import allocate, run, sensitivity_table  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 
@@ -40,6 +41,7 @@ def main() -> None:
     a = ap.parse_args()
     sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     base = load_recipe("llama").with_overrides(**{"group_size": 128, "method": "gptq", "out": None, **sets})
+    base = single_text(base)
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     results["recipe"] = base.to_dict()

@@ -66,6 +66,8 @@ def ppl(max_windows: int, n_samples: int, thresholds: list[float]) -> dict:
     from quantkit.recipe import load_recipe
     recipe = load_recipe("llama").with_overrides(method="llm-int8", bits=8, out="out/llama-llm-int8",
                                                  **{"calib.n_samples": n_samples})
+    from ppl_common import single_text
+    recipe = single_text(recipe)
     model, tok, _ = load_model(recipe.model)
     ids = tokenize(tok, load_text(recipe.eval.dataset, "eval"))
     res = {"fp32": perplexity(model, ids, recipe.eval.seqlen, max_windows, progress=False)["ppl"]}

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
+from ppl_common import single_text  # noqa: E402
 from quantkit.pipeline import run  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 
@@ -67,6 +68,7 @@ def main() -> None:
     base = load_recipe("llama").with_overrides(**{
         "group_size": 128, "fp_target": False, "out": None,
         "calib.n_samples": 32, "calib.seqlen": 512, "eval.max_windows": a.max_windows})
+    base = single_text(base)
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     results["protocol"] = (f"SmolLM2-135M, g{base.group_size}, calibration {base.calib.n_samples} x "

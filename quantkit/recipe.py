@@ -14,7 +14,7 @@ RECIPE_DIRS = (Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / 
 
 @dataclass
 class CalibConfig:
-    dataset: str = "austen"
+    dataset: str = "mix"            # all six bundled domains, an equal share of windows each
     n_samples: int = 128
     seqlen: int = 512
     batch_size: int = 8
