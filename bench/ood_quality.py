@@ -31,11 +31,31 @@ def _score(recipe, ids, windows, results):
     return res, ratios(res, {d: results["fp32"][d] for d in res}), rep.bits_per_weight, seconds
 
 
+def table(results: dict) -> str:
+    """The rows so far as a markdown table: per-domain ratios to fp32 and the geomeans."""
+    doms = list(next(v for k, v in results.items() if k.startswith("fp32")))
+    lines = ["| row | bpw | " + " | ".join(doms) + " | geomean fold-b doms | ood geomean |",
+             "|---" * (len(doms) + 4) + "|"]
+    for k, r in results.items():
+        if k.startswith("fp32") or "runs" not in r:
+            continue
+        bpw = sum(v["bits_per_weight"] for v in r["runs"].values()) / len(r["runs"])
+        cells = [f"{r['domains'][d]['ratio']:.3f}" if d in r["domains"] else "" for d in doms]
+        fb = r["runs"].get("fold-a", {}).get("geomean")
+        lines.append(f"| {k} | {bpw:.3f} | " + " | ".join(cells)
+                     + f" | {'' if fb is None else f'{fb:.4f}'} | {r.get('ood_geomean', float('nan')):.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = table_parser("bench/results/ood_quality.json", WINDOWS)
     ap.add_argument("--mix", action="store_true", help="also calibrate on all six domains")
     ap.add_argument("--folds", default=",".join(FOLDS), help="calibration folds to run")
+    ap.add_argument("--table", action="store_true", help="print the results file as a table and stop")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return
     base = load_recipe(a.recipe).with_overrides(**parse_sets(a.set))
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
