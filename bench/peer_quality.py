@@ -34,11 +34,13 @@ count). Headline: ood_geomean, the geometric mean over the six domains of ppl / 
 Each row also has: bits_per_weight and the formula used, quant_seconds (the tool's quantize
 call alone, inside the worker; for rtn / quantkit the whole run(), which includes loading the
 model and tokenizing the calibration text), peak_rss_mb (the worker's peak resident memory
-right after that call; rss_before_mb: its peak before the call, the model loaded;
-worker_peak_rss_mb: the whole worker, from wait4), levels_max (the most
+right after that call, VmHWM; rss_before_mb: its peak before the call, the model loaded;
+peak_rss_total_mb: the whole worker, saving included), levels_max (the most
 distinct values any group of `group_size` consecutive weights has: at most 2**bits), and the
-tool's versions. A tool that fails gets a row with its error; the file is written after every
-row (merged with what it holds).
+tool's versions; per fold under "runs", and in the row: quant_seconds the mean, peak_rss_mb
+and levels_max the largest. A tool that fails gets a row with its error, a width it lacks a
+row that says so; the file is written after every row (merged with what it holds). Rows are
+keyed "<tool> w<bits>g<group>" ("quantkit:<variant> w4g64"): a rerun replaces its rows.
 """
 from __future__ import annotations
 
@@ -49,7 +51,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -65,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
 CACHE = Path("~/.cache/quantkit/peers").expanduser()
 CONSTRAINTS = ROOT / "constraints-cpu.txt"
-TORCH_PIN = "torch==2.13.0"
+TORCH = "2.13.0"                       # the CPU build in /opt/wheels; constraints-cpu.txt pins it
 SEQLEN = 512
 BLOCK_PREFIX = "model.layers."
 
@@ -79,6 +80,7 @@ class Tool:
     dists: tuple = ()                  # distributions whose versions the row records
     bits: tuple = (2, 3, 4, 5, 6, 8)   # widths the tool has
     options: dict = field(default_factory=dict)
+    pip_env: dict = field(default_factory=dict)   # environment of its pip install
 
 
 TOOLS = {
@@ -88,7 +90,9 @@ TOOLS = {
     "bnb-nf4": Tool("bnb_worker.py", False, dists=("bitsandbytes",), bits=(4,)),
     "llmcompressor-gptq": Tool("llmcompressor_worker.py", True, "llmcompressor",
                                ("llmcompressor==0.14.0.1",), ("llmcompressor", "compressed-tensors")),
-    "gptqmodel": Tool("gptqmodel_worker.py", True, "gptqmodel", ("gptqmodel==7.6.0",), ("gptqmodel",)),
+    # 7.7.0 needs torch>=2.14.1; 7.6.0 is the newest release that takes torch 2.13
+    "gptqmodel": Tool("gptqmodel_worker.py", True, "gptqmodel", ("gptqmodel==7.6.0",), ("gptqmodel",),
+                      pip_env={"BUILD_CUDA_EXT": "0"}),
     "quantkit": Tool("quantkit_worker.py", True, dists=("quantkit",)),
 }
 NOT_SUPPORTED = {"bnb-nf4": "NF4 is a 4-bit format: bitsandbytes has no 3-bit (or other) NF grid"}
@@ -96,10 +100,11 @@ NOT_SUPPORTED = {"bnb-nf4": "NF4 is a 4-bit format: bitsandbytes has no 3-bit (o
 
 # ---------------------------------------------------------------- virtual environments
 
-def _pip(py: Path, args: list[str], log) -> None:
+def _pip(py: Path, args: list[str], log, env: dict | None = None) -> None:
     log.write(f"$ pip {' '.join(args)}\n")
     log.flush()
-    p = subprocess.run([str(py), "-m", "pip", *args], stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.run([str(py), "-m", "pip", *args], stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, **(env or {})})
     if p.returncode:
         raise RuntimeError(f"pip {' '.join(args)} failed (exit {p.returncode}); see {log.name}")
 
@@ -119,8 +124,8 @@ def _install(tool: Tool, home: Path, py: Path) -> None:
             log.write(f"$ {sys._base_executable} -m venv {home / 'venv'}\n")
             subprocess.run([sys._base_executable, "-m", "venv", str(home / "venv")], check=True,
                            stdout=log, stderr=subprocess.STDOUT)
-        _pip(py, ["install", TORCH_PIN], log)
-        _pip(py, ["install", "-c", str(CONSTRAINTS), *tool.packages], log)
+        _pip(py, ["install", f"torch=={TORCH}"], log)      # first: the CPU build on disk
+        _pip(py, ["install", "-c", str(CONSTRAINTS), *tool.packages], log, tool.pip_env)
 
 
 def ensure_venv(tool: Tool) -> tuple[str, dict]:
@@ -135,9 +140,8 @@ def ensure_venv(tool: Tool) -> tuple[str, dict]:
         print(f"installing {', '.join(tool.packages)} into {home / 'venv'} ...", flush=True)
         _install(tool, home, py)
         versions = _versions(py, dists)
-        if versions["torch"] != TORCH_PIN.split("==")[1] and not versions["torch"].startswith(
-                TORCH_PIN.split("==")[1] + "+"):
-            raise RuntimeError(f"{home}: torch {versions['torch']} was installed, not {TORCH_PIN}")
+        if (versions["torch"] or "").split("+")[0] != TORCH:
+            raise RuntimeError(f"{home}: torch {versions['torch']} was installed, not {TORCH}")
         marker.write_text(json.dumps({"packages": list(tool.packages), "versions": versions}))
     return str(py), json.loads(marker.read_text())["versions"]
 
@@ -173,36 +177,32 @@ def _last_json(path: Path) -> dict | None:
     return None
 
 
-def _wait(p: subprocess.Popen, timeout: float | None) -> tuple[int, float]:
-    """(exit status, peak RSS in MiB) of the worker, from wait4; killed after `timeout` s."""
-    timer = threading.Timer(timeout, p.kill) if timeout else None
-    if timer:
-        timer.start()
+def _wait(p: subprocess.Popen, timeout: float | None) -> tuple[int, bool]:
+    """(the worker's exit status, whether it was killed for running past `timeout` s)."""
     try:
-        _, status, usage = os.wait4(p.pid, 0)
-    finally:
-        if timer:
-            timer.cancel()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, usage.ru_maxrss / 1024
+        return p.wait(timeout), False
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return p.wait(), True
 
 
 def run_worker(py: str, tool: Tool, job: dict, logs: Path, a) -> dict:
-    """The worker's result line (+ worker_peak_rss_mb), or {"error": ...}."""
+    """The worker's result line, or {"error": ...}."""
     cmd = [py, str(PEERS / tool.worker), job["model_dir"], job["calib"], str(job["bits"]),
            str(job["group"]), job["out"], "--options", json.dumps(job["options"])]
     out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
     with open(out, "w") as fo, open(err, "w") as fe:
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=ROOT,
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=logs.parent,   # stray files: logs
                              env=_env(a.threads, tool.venv is None))
-        rc, rss = _wait(p, a.timeout or None)
+        rc, late = _wait(p, a.timeout or None)
     info = _last_json(out) or {}
     if rc and "error" not in info:
         tail = [l for l in err.read_text(errors="replace").splitlines() if l.strip()][-1:] or [""]
-        info = {"error": f"exit {rc}: {tail[0][:300]}"}
+        why = f"killed after --timeout {a.timeout:g}s" if late else f"exit {rc}"
+        info = {"error": f"{why}: {tail[0][:300]}"}
     if "error" in info:
         info["log"] = str(err)
-    return {**info, "worker_peak_rss_mb": rss}
+    return info
 
 
 # ---------------------------------------------------------------- evaluation
@@ -287,6 +287,9 @@ def one_run(name, tool, py, fold, bits, group, ctx, overrides) -> dict:
     return info
 
 
+ROW_LEVEL = ("domains", "settings", "bpw_formula", "version", "versions", "bits_per_weight")
+
+
 def build_row(name, tool, bits, group, versions, runs: dict, a, overrides) -> dict:
     row = {"tool": name, "bits": bits, "group_size": group,
            "windows": a.max_windows, "versions": versions,
@@ -302,8 +305,7 @@ def build_row(name, tool, bits, group, versions, runs: dict, a, overrides) -> di
         if k in first:
             row[k] = first[k]
     row["domains"] = {d: {**v, "calib": f} for f, r in ok.items() for d, v in r["domains"].items()}
-    row["runs"] = {f: {k: v for k, v in r.items() if k not in ("domains", "settings", "bpw_formula", "version", "bits_per_weight", "versions")}
-                   for f, r in runs.items()}
+    row["runs"] = {f: {k: v for k, v in r.items() if k not in ROW_LEVEL} for f, r in runs.items()}
     if ok:
         row["quant_seconds"] = sum(r["quant_seconds"] for r in ok.values()) / len(ok)
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok.values())
@@ -338,14 +340,16 @@ def tool_row(name: str, bits: int, group: int, ctx: dict, overrides: dict) -> di
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Peer quantization tools against quantkit on "
+                                 "SmolLM2-135M, out of domain (see the module docstring).")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma list of {', '.join(TOOLS)}")
     ap.add_argument("--configs", default="4:64,3:64", help="BITS:GROUP,... (e.g. 4:64,3:64)")
     ap.add_argument("--n-samples", type=int, default=128, help="calibration windows of 512 tokens")
     ap.add_argument("--max-windows", type=int, default=WINDOWS, help="eval windows per domain")
     ap.add_argument("--set", action="append", default=[], help="quantkit override KEY=VALUE (YAML)")
     ap.add_argument("--quantkit-variant", action="append", default=[],
-                    help="NAME:KEY=VALUE,KEY=VALUE: one more quantkit row (on top of --set)")
+                    help="NAME:KEY=VALUE,KEY=VALUE (no commas inside values): one more quantkit "
+                         "row, its overrides on top of --set; repeatable")
     ap.add_argument("--threads", type=int, default=None, help="OMP threads of every worker and eval")
     ap.add_argument("--timeout", type=float, default=0, help="seconds before a worker is killed (0: none)")
     ap.add_argument("--out", default="bench/results/peer_quality.json")
