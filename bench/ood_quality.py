@@ -43,7 +43,8 @@ def table(results: dict) -> str:
         cells = [f"{r['domains'][d]['ratio']:.3f}" if d in r["domains"] else "" for d in doms]
         fb = r["runs"].get("fold-a", {}).get("geomean")
         lines.append(f"| {k} | {bpw:.3f} | " + " | ".join(cells)
-                     + f" | {'' if fb is None else f'{fb:.4f}'} | {r.get('ood_geomean', float('nan')):.4f} |")
+                     + f" | {'' if fb is None else f'{fb:.4f}'} | "
+                     + (f"{r['ood_geomean']:.4f} |" if "ood_geomean" in r else "(one fold) |"))
     return "\n".join(lines)
 
 
@@ -86,8 +87,8 @@ def main() -> None:
         row["mix_geomean"] = rat["geomean"]
     row.pop("fp32", None)
     write_row(path, {k: v for k, v in results.items() if k != "fp32"}, label, row)
-    print(f"{label}: ood x{row.get('ood_geomean', float('nan')):.4f}"
-          + (f", mix x{row['mix_geomean']:.4f}" if a.mix else ""), flush=True)
+    head = f"ood x{row['ood_geomean']:.4f}" if "ood_geomean" in row else "one fold"
+    print(f"{label}: {head}" + (f", mix x{row['mix_geomean']:.4f}" if a.mix else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ evaluated by a model that saw its calibration part.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 from torch import Tensor, nn
 
@@ -59,8 +62,6 @@ def fold_domains(fold: str) -> tuple[str, ...]:
 
 
 def _baseline_key(source: str, domain: str, ids: Tensor, seqlen: int, windows: int | None) -> str:
-    import hashlib
-    from pathlib import Path
     h = hashlib.sha256()
     for f in sorted(Path(source).glob("*.safetensors")):        # the weights as they are on disk
         h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
@@ -71,7 +72,6 @@ def _baseline_key(source: str, domain: str, ids: Tensor, seqlen: int, windows: i
 def fp32_baseline(source: str, ids: dict[str, Tensor], seqlen: int = SEQLEN,
                   windows: int | None = WINDOWS, progress: bool = False) -> dict[str, dict]:
     """The original model's results on the same windows, cached under the user cache."""
-    import json
     from quantkit.model.loader import load_model
     from quantkit.model.zoo import cache_dir
     path = cache_dir() / "evals" / "fp32_baselines.json"

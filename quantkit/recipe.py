@@ -63,7 +63,7 @@ class Recipe:
     sym: bool = False
     act_order: bool = True
     static_groups: bool = True
-    mse: bool = True
+    mse: bool = False               # min-max grid (the MSE shrink search loses out of domain)
     damp: float = 0.01
     true_sequential: bool = True
     fp_target: bool = True          # aim at the unquantized model's outputs (compensates drift)
