@@ -58,7 +58,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                                      "one of austen | pydocs | pycode | fortunes | gcide | debref | "
                                      "wikitext2 | c4 | ptb | a text file; or mix | fold-a | fold-b | a,b,...")
     p.add_argument("--seqlen", type=int, help="eval window length (default 1024)")
-    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--max-windows", type=int, help="one text: only its first N windows; the suite: N evenly "
+                                                   "spaced windows per domain (default 16)")
     p.add_argument("--json", help="write the summary to this JSON file")
     p.add_argument("--device", help="cpu (default) or cuda")
 
@@ -211,7 +212,7 @@ def cmd_eval(a) -> dict:
     else:
         if find_recipe(target) and not Path(target).is_dir():
             target = load_recipe(target).model
-        model, tokenizer, source = load_model(target, device)
+        model, tokenizer, _ = load_model(target, device)
         source = None                                        # the original itself: ratios are 1
     if len(domains(dataset)) == 1:
         with torch.no_grad():
