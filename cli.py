@@ -152,7 +152,8 @@ def cmd_quantize(a) -> dict:
                             r.eval.max_windows))
     elif a.eval:
         from quantkit.model.loader import resolve_source
-        res = _suite(a, rep.model, rep.tokenizer, r.eval.dataset, resolve_source(r.model))
+        res = _suite(a.target, rep.model, rep.tokenizer, r.eval.dataset, resolve_source(r.model),
+                     r.eval.seqlen, r.eval.max_windows)
         summary.update(dataset=res["dataset"], ppl=res["geomean_ppl"], suite=res)
     print(f"compressed {rep.n_layers} linears of {r.model} with {rep.method} in {rep.seconds:.1f}s: "
           f"{rep.bits_per_weight:.3f} bits/weight, {rep.original_size_bytes / 2**20:.1f} MiB (fp32) -> "
@@ -221,22 +222,23 @@ def cmd_eval(a) -> dict:
         print(f"{a.target}: ppl {res['ppl']:.4f} on {res['dataset']} "
               f"({res['tokens']} tokens, {res['windows']} windows of {res['seqlen']})")
         return {"target": a.target, **res}
-    return _suite(a, model, tokenizer, dataset, resolve_source(source) if source else None)
+    return _suite(a.target, model, tokenizer, dataset, resolve_source(source) if source else None,
+                  a.seqlen, a.max_windows)
 
 
-def _suite(a, model, tokenizer, dataset: str, source: str | None) -> dict:
+def _suite(target: str, model, tokenizer, dataset: str, source: str | None, seqlen: int | None,
+           windows: int | None) -> dict:
     import torch
     from evals.suite import SEQLEN, WINDOWS, suite
     _causal(model)
     with torch.no_grad():
-        res = suite(model, tokenizer, dataset, getattr(a, "seqlen", None) or SEQLEN,
-                    a.max_windows or WINDOWS, source)
+        res = suite(model, tokenizer, dataset, seqlen or SEQLEN, windows or WINDOWS, source)
     print(f"{'domain':10s} {'ppl':>9s} {'fp32':>9s} {'x fp32':>7s}")
     for d, r in res["domains"].items():
         print(f"{d:10s} {r['ppl']:9.3f} {r.get('fp32_ppl', r['ppl']):9.3f} {r.get('ratio', 1.0):7.3f}")
     print(f"{'geomean':10s} {res['geomean_ppl']:9.3f} {'':9s} {res.get('geomean_ratio', 1.0):7.3f}   "
           f"({res['windows']} windows of {res['seqlen']} tokens per domain)")
-    return {"target": a.target, **res}
+    return {"target": target, **res}
 
 
 def cmd_inspect(a) -> dict:

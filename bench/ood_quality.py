@@ -11,24 +11,23 @@ the calibration, disjoint text). Rows accumulate in the results file under their
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
-from ppl_common import parse_sets, table_parser, write_row  # noqa: F401  (sets the offline env)
+from ppl_common import parse_sets, table_parser, write_row  # (sets the offline env)
 from evals.suite import FOLDS, WINDOWS, eval_ids, evaluate, fold_domains, geomean, other_fold, ratios
 from quantkit.model.loader import load_model
 from quantkit.pipeline import run
 from quantkit.recipe import load_recipe
 
-import json
-from pathlib import Path
 
-
-def _score(recipe, ids, windows, results):
+def _score(recipe, ids, windows, fp32):
     t = time.time()
     rep = run(recipe, progress=False)
     seconds = time.time() - t
     res = evaluate(rep.model, rep.tokenizer, ids, windows=windows)
-    return res, ratios(res, {d: results["fp32"][d] for d in res}), rep.bits_per_weight, seconds
+    return res, ratios(res, fp32), rep.bits_per_weight, seconds
 
 
 def table(results: dict) -> str:
@@ -65,14 +64,14 @@ def main() -> None:
     key = f"fp32 w{a.max_windows}"
     if key not in results:
         results = write_row(path, results, key, evaluate(model, tok, ids, windows=a.max_windows))
-    results["fp32"] = results[key]
+    fp32 = results[key]
     del model
     label = a.label or "default"
     row = {"recipe_overrides": parse_sets(a.set), "windows": a.max_windows, "domains": {}, "runs": {}}
     for fold in a.folds.split(","):
         target = {d: ids[d] for d in fold_domains(other_fold(fold))}
         res, rat, bpw, sec = _score(base.with_overrides(**{"calib.dataset": fold}), target,
-                                    a.max_windows, results)
+                                    a.max_windows, fp32)
         row["runs"][fold] = {"bits_per_weight": bpw, "seconds": sec, "geomean": rat["geomean"]}
         for d in res:
             row["domains"][d] = {"ppl": res[d]["ppl"], "ratio": rat[d], "calib": fold}
@@ -82,11 +81,10 @@ def main() -> None:
         row["ood_geomean"] = geomean(v["ratio"] for v in row["domains"].values())
     if a.mix:
         res, rat, bpw, sec = _score(base.with_overrides(**{"calib.dataset": "mix"}), ids,
-                                    a.max_windows, results)
+                                    a.max_windows, fp32)
         row["mix"] = {"ratios": rat, "bits_per_weight": bpw, "seconds": sec}
         row["mix_geomean"] = rat["geomean"]
-    row.pop("fp32", None)
-    write_row(path, {k: v for k, v in results.items() if k != "fp32"}, label, row)
+    write_row(path, results, label, row)
     head = f"ood x{row['ood_geomean']:.4f}" if "ood_geomean" in row else "one fold"
     print(f"{label}: {head}" + (f", mix x{row['mix_geomean']:.4f}" if a.mix else ""), flush=True)
 

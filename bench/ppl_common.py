@@ -46,7 +46,7 @@ def table_setup(a):
     """(base recipe, overrides, results path, results so far with the fp32 row, eval token ids)."""
     base = load_recipe(a.recipe)
     overrides = parse_sets(a.set)
-    base = single_text(base.with_overrides(**{k: v for k, v in overrides.items() if k == "eval.dataset"}))
+    base = single_text(base.with_overrides(**{"eval.dataset": overrides.get("eval.dataset")}))
     path = Path(a.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     ids = eval_ids_with_baseline(base, a.max_windows, results)

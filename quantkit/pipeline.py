@@ -218,9 +218,10 @@ def _check(recipe: Recipe) -> None:
     if recipe.prune is not None:
         _check_prune(recipe)
     else:
-        for option in recipe.bit_options if mixed else []:   # bad specs fail before loading
-            option_spec(recipe, option)
-        if not mixed:
+        if mixed:                                   # bad specs fail before loading
+            for option in recipe.bit_options:
+                option_spec(recipe, option)
+        else:
             base_spec(recipe)
     _token_weights(recipe)
 
