@@ -128,3 +128,50 @@ def test_bnb_export_loads_in_transformers_with_our_logits(tmp_path):
     save_quantized("llama", tmp_path / "int")
     with pytest.raises(QuantkitError, match="bnb-int8 holds LLM.int8 layers only"):
         export(tmp_path / "int", tmp_path / "x", "bnb-int8")
+
+
+def reference_llm_int8(x, W, threshold, stored):
+    """The decomposition written out: O = calibration's columns ∪ this batch's |x| >= threshold;
+    the rest of x by vector-wise int8 against the int8 weight codes; x[:, O] in 16 bits against
+    the fp16 weights of the stored columns and the dequantized int8 weights of new ones."""
+    absmax = W.abs().amax(1)
+    codes = torch.round(W * 127 / absmax[:, None])
+    w16 = codes * absmax[:, None] / 127
+    w16[:, stored] = W[:, stored].half().float()
+    new = [j for j in range(W.shape[1]) if bool((x[:, j].abs() >= threshold).any())]
+    O = sorted(set(stored) | set(new))
+    rest = x.clone()
+    rest[:, O] = 0
+    cx = rest.abs().amax(1, keepdim=True)
+    y = (torch.round(127 * rest / cx).double() @ codes.double().T).float() * (cx * absmax[None]) / 127**2
+    return y + x[:, O] @ w16[:, O].T
+
+
+@pytest.mark.parametrize("name", ["cpu_llm_int8", "llm_int8_emulated"])
+def test_outlier_set_is_the_threshold_crossers_plus_calibrations_columns(name):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(32, 64, generator=g) * 0.05
+    x = torch.randn(8, 64, generator=g) * 0.3
+    x[2, 40] = 2.9      # just under the threshold: stays in int8
+    x[5, 10] = -3.5     # over it, and not a calibration column: a new outlier this batch
+    x[1, 50] = 3.2      # over it, a calibration column (fp16 weights)
+    p = make_llm_int8(W, 3.0, torch.tensor([50]))
+    run = KERNELS[name].prepare(p, None)
+    assert rel(run(x), reference_llm_int8(x, W, 3.0, [50])) < 1e-6
+    x[5, 10] = 0.1      # only the calibration column crosses now
+    assert rel(run(x), reference_llm_int8(x, W, 3.0, [50])) < 1e-6
+
+
+def test_compressor_keeps_calibrations_threshold_crossers_up_to_one_percent():
+    from quantkit.quant.base import LayerStats
+    W = torch.randn(16, 300) * 0.05
+    absmax = torch.full((300,), 0.5)
+    absmax[[7, 100, 201]] = torch.tensor([2.5, 9.0, 3.0])   # 3.0 crosses 3.0; 2.5 does not
+    stats = LayerStats(H=torch.eye(300), n=1, act_absmax=absmax)
+    p = llm_int8(W, stats, QSpec(bits=8), threshold=3.0)
+    assert p.meta["threshold"] == 3.0
+    assert p.tensors["outlier_cols"].tolist() == [100, 201]
+    assert torch.equal(p.tensors["outlier_weight"], W[:, [100, 201]].half())
+    absmax[[50, 60, 70]] = 4.0                               # five crossers, room for 300 // 100 = 3
+    p = llm_int8(W, stats, QSpec(bits=8), threshold=3.0)
+    assert len(p.tensors["outlier_cols"]) == 3 and 100 in p.tensors["outlier_cols"].tolist()

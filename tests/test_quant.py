@@ -124,6 +124,20 @@ def test_symmetric_grid_has_fixed_zero():
     assert "qzeros" not in p.tensors and torch.allclose(p.dequantize(), deq(c, s, z, 64, gi))
 
 
+def test_asymmetric_minmax_grid_rounds_the_zero_to_nearest():
+    # range [-0.3, 1.2] at 4 bits: scale 1.5/15 (stored fp16), -min/scale = 3.0007 -> zero 3
+    # (ceil would give 4 and shift every code); the all-positive row gets zero 0 and its
+    # range starts at 0; a flat zero row gets the unit fallback range [-1, 1].
+    from quantkit.quant.grid import minmax_grid
+    x = torch.tensor([[-0.3, 0.0, 0.7, 1.2], [0.5, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    s, z = minmax_grid(x, 4, sym=False)
+    f16 = lambda v: torch.tensor(v).to(torch.float16).float()  # noqa: E731
+    assert torch.equal(s, torch.stack([f16(1.5 / 15), f16(3.0 / 15), f16(2.0 / 15)]))
+    assert z.tolist() == [3.0, 0.0, 8.0]
+    err = ((quantize(x, s[:, None], z[:, None], 4) - z[:, None]) * s[:, None] - x).abs()
+    assert torch.all(err <= s[:, None] / 2 + 1e-6)
+
+
 def test_fp_target_weight_solves_least_squares():
     from quantkit.quant.base import LayerStats, fp_target_weight
     g = torch.Generator().manual_seed(3)
