@@ -47,6 +47,23 @@ def test_perplexity_equals_hand_computation():
     assert math.isclose(res["ppl"], math.exp(nll / count), rel_tol=1e-5)
 
 
+def test_perplexity_with_bos_tiles_the_text_in_steps_of_seqlen_minus_one():
+    """Models that need BOS (Gemma): each window is BOS + the next seqlen-1 text tokens, so the
+    windows tile the text without a gap or overlap and every text token after the first of a
+    window is predicted once; the BOS position predicts the window's first token."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 101, (1, 70), generator=torch.Generator().manual_seed(0))
+    res = perplexity(model, ids, seqlen=32, bos_id=0, progress=False)
+    nll = 0.0
+    with torch.no_grad():
+        for w in range(2):  # 70 // 31 windows
+            x = torch.cat([torch.tensor([0]), ids[0, w * 31:(w + 1) * 31]])
+            logp = F.log_softmax(model(x[None]).logits[0].double(), -1)
+            nll -= sum(logp[t, x[t + 1]].item() for t in range(31))
+    assert res["tokens"] == 62 and res["windows"] == 2
+    assert math.isclose(res["ppl"], math.exp(nll / 62), rel_tol=1e-5)
+
+
 def test_bundled_corpora_disjoint():
     for name in ("austen", "pydocs"):
         calib, ev = load_text(name, "calib"), load_text(name, "eval")
