@@ -49,6 +49,26 @@ def test_ip_and_dp_equal_brute_force(seed):
             assert cost == pytest.approx(want, rel=1e-9), alloc.__name__
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_ip_bops_constraint_equals_brute_force(seed):
+    """A second budget (compute: bit-operations, here weights x bits^2) binds where the size
+    budget alone would not; the ip optimum under both equals enumeration under both."""
+    table = random_table(7, seed=seed)
+    bops = table.weights[:, None] * torch.tensor([2.0, 3.0, 4.0, 8.0]) ** 2
+    L, O = table.cost.shape
+    combos = torch.tensor(list(itertools.product(range(O), repeat=L))).t()
+    c, s = table.cost.gather(1, combos).sum(0), table.size.gather(1, combos).sum(0)
+    b = bops.gather(1, combos).sum(0)
+    bpw = 6.0
+    free = ip_allocate(table, bpw)
+    cap = 0.7 * float(bops.gather(1, free[:, None]).sum())     # binds: the free optimum breaks it
+    c[(s > table.budget_bits(bpw) + 1e-6) | (b > cap + 1e-6)] = float("inf")
+    choice = ip_allocate(table, bpw, bops=bops, bops_budget=cap)
+    assert float(bops.gather(1, choice[:, None]).sum()) <= cap + 1e-6
+    assert total(table, choice)[0] == pytest.approx(float(c.min()), rel=1e-9)
+    assert total(table, choice)[0] > total(table, free)[0]
+
+
 def test_frontier_monotone_and_max_budget_gives_max_bits():
     table = random_table(10, seed=3)
     f = frontier(table)
@@ -78,6 +98,26 @@ def test_tied_layers_share_an_option_at_the_tied_optimum():
             assert size <= table.budget_bits(bpw) + 1e-6
             if alloc is not baq_allocate:
                 assert cost == pytest.approx(want, rel=1e-9), alloc.__name__
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ip_bops_constraint_equals_brute_force(seed):
+    """A second budget (compute: bit-operations, here weights x bits^2) binds where the size
+    budget alone would not; the ip optimum under both equals enumeration under both."""
+    table = random_table(7, seed=seed)
+    bops = table.weights[:, None] * torch.tensor([2.0, 3.0, 4.0, 8.0]) ** 2
+    L, O = table.cost.shape
+    combos = torch.tensor(list(itertools.product(range(O), repeat=L))).t()
+    c, s = table.cost.gather(1, combos).sum(0), table.size.gather(1, combos).sum(0)
+    b = bops.gather(1, combos).sum(0)
+    bpw = 6.0
+    free = ip_allocate(table, bpw)
+    cap = 0.7 * float(bops.gather(1, free[:, None]).sum())     # binds: the free optimum breaks it
+    c[(s > table.budget_bits(bpw) + 1e-6) | (b > cap + 1e-6)] = float("inf")
+    choice = ip_allocate(table, bpw, bops=bops, bops_budget=cap)
+    assert float(bops.gather(1, choice[:, None]).sum()) <= cap + 1e-6
+    assert total(table, choice)[0] == pytest.approx(float(c.min()), rel=1e-9)
+    assert total(table, choice)[0] > total(table, free)[0]
 
 
 def _tied_combos(table, groups):
