@@ -31,6 +31,19 @@ def test_weighted_hessian():
     assert torch.allclose(acc.finalize().H, expect, rtol=1e-5, atol=1e-6)
 
 
+def test_weighted_cross_moment_for_fp_target():
+    # RSQ token weights with fp_target: the cross moment is Σ w x_ref xᵀ / Σ w, weighted like H,
+    # so that the target stays the weighted least-squares one
+    g = torch.Generator().manual_seed(2)
+    x, x_ref, w = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g), torch.rand(40, generator=g)
+    acc = HessianAccumulator(6)
+    acc.add(x[:25], w[:25], x_ref[:25])
+    acc.add(x[25:], w[25:], x_ref[25:])
+    st = acc.finalize()
+    assert torch.allclose(st.cross, (x_ref.T * w) @ x / w.sum(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(st.H, (x.T * w) @ x / w.sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_perplexity_equals_hand_computation():
     model = tiny_model("llama")
     ids = torch.randint(0, 101, (1, 70), generator=torch.Generator().manual_seed(0))
