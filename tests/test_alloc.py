@@ -223,3 +223,17 @@ def test_cost_table_uses_the_first_calibration_windows():
     got = first_samples(batches, 10)
     assert [len(b) for b in got] == [8, 2] and torch.equal(got[1], batches[1][:2])
     assert sum(len(b) for b in first_samples(batches, 99)) == 16
+
+
+def test_prices_are_the_output_errors_on_the_calibration_tokens():
+    """hessian: mean over tokens of ||E x||²; fisher: the same per output row, weighted by the
+    row's output Fisher. Written from explicit tokens X, not from H."""
+    from quantkit.stats.sensitivity import fisher_price, hessian_price
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 8, dtype=torch.float64)
+    E = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    H = X.T @ X / 50
+    out = X @ E.T                                        # [tokens, rows]: the output errors
+    assert hessian_price("l", E, H) == pytest.approx(float((out ** 2).sum(1).mean()), rel=1e-9)
+    rw = torch.rand(5, generator=g, dtype=torch.float64)
+    assert fisher_price({"l": rw})("l", E, H) == pytest.approx(float(((out ** 2) * rw).sum(1).mean()), rel=1e-9)
