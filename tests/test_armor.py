@@ -220,3 +220,13 @@ def test_bad_inputs_raise(kwargs):
         args["h"] = torch.ones(args["W"].shape[1])
     with pytest.raises(QuantkitError):
         armor_factorize(**args)
+
+
+def test_a_diverging_learning_rate_returns_the_best_iterate():
+    """At lr 1 Adam overshoots and the loss rises above the start: the result is the best iterate
+    seen (here the initial one or close to it), never the last."""
+    W, h = _structured(32, 64)
+    r = armor_factorize(W, h, block_size=16, iters=20, lr=1.0)
+    got = armor_proxy(W, h, r.post, r.core, r.pre)
+    assert got == pytest.approx(r.losses[-1], rel=1e-4) and got <= r.losses[0] * (1 + 1e-6)
+    assert all(b <= a for a, b in zip(r.losses, r.losses[1:]))
