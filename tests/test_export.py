@@ -76,9 +76,12 @@ def unpack_gptq_v1(t, bits, in_f, out_f):
     return q.T, (z + 1).T, t["scales"].float().T, t["g_idx"].long()
 
 
-@pytest.mark.parametrize("mixed, act_order", [(False, False), (True, True)])
-def test_gptq_export_unpacks_to_our_codes(mixed, act_order, tmp_path):
-    save_quantized("llama", tmp_path / "q", mixed, sym=True, act_order=act_order, static_groups=not act_order)
+@pytest.mark.parametrize("mixed, act_order, sym", [(False, False, True), (True, True, True),
+                                                   (False, True, False), (True, False, False)])
+def test_gptq_export_unpacks_to_our_codes(mixed, act_order, sym, tmp_path):
+    """Asymmetric layers too: their zero points differ per output channel, so a permutation of
+    the packed zeros across channels shows in the dequantized weight."""
+    save_quantized("llama", tmp_path / "q", mixed, sym=sym, act_order=act_order, static_groups=not act_order)
     summary = export(tmp_path / "q", tmp_path / "gptq", "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     tensors = load_tensors(tmp_path / "gptq")
@@ -95,6 +98,7 @@ def test_gptq_export_unpacks_to_our_codes(mixed, act_order, tmp_path):
         assert torch.equal(q, codes.long() + off)
         W = (q - z[:, gi]) * s[:, gi]
         assert torch.equal(W, p.dequantize())
+        assert torch.equal(z[:, gi], zeros[:, g_idx].long() + off)
         assert ("g_idx" in p.tensors) == act_order
         if act_order:
             assert torch.equal(gi, p.tensors["g_idx"].long())
