@@ -9,6 +9,7 @@ from quantkit.alloc.ip import ip_allocate
 from quantkit.alloc.pareto import frontier, pareto_allocate
 from quantkit.alloc.table import as_table, tie, total
 from quantkit.errors import QuantkitError
+from quantkit.stats.sensitivity import fisher_price, hessian_price
 
 
 def random_table(L, O=4, seed=0):
@@ -21,13 +22,15 @@ def random_table(L, O=4, seed=0):
     return as_table(cost, size, weights)
 
 
-def brute_force(table, bpw):
+def brute_force(table, bpw, bops=None, bops_budget=None):
     L, O = table.cost.shape
     budget = table.budget_bits(bpw)
     combos = torch.tensor(list(itertools.product(range(O), repeat=L)))
     c = table.cost.gather(1, combos.t()).sum(0)
     s = table.size.gather(1, combos.t()).sum(0)
     c[s > budget + 1e-6] = float("inf")
+    if bops is not None:
+        c[bops.gather(1, combos.t()).sum(0) > bops_budget + 1e-6] = float("inf")
     i = int(c.argmin())
     return float(c[i]), combos[i]
 
@@ -55,17 +58,12 @@ def test_ip_bops_constraint_equals_brute_force(seed):
     budget alone would not; the ip optimum under both equals enumeration under both."""
     table = random_table(7, seed=seed)
     bops = table.weights[:, None] * torch.tensor([2.0, 3.0, 4.0, 8.0]) ** 2
-    L, O = table.cost.shape
-    combos = torch.tensor(list(itertools.product(range(O), repeat=L))).t()
-    c, s = table.cost.gather(1, combos).sum(0), table.size.gather(1, combos).sum(0)
-    b = bops.gather(1, combos).sum(0)
     bpw = 6.0
     free = ip_allocate(table, bpw)
     cap = 0.7 * float(bops.gather(1, free[:, None]).sum())     # binds: the free optimum breaks it
-    c[(s > table.budget_bits(bpw) + 1e-6) | (b > cap + 1e-6)] = float("inf")
     choice = ip_allocate(table, bpw, bops=bops, bops_budget=cap)
     assert float(bops.gather(1, choice[:, None]).sum()) <= cap + 1e-6
-    assert total(table, choice)[0] == pytest.approx(float(c.min()), rel=1e-9)
+    assert total(table, choice)[0] == pytest.approx(brute_force(table, bpw, bops, cap)[0], rel=1e-9)
     assert total(table, choice)[0] > total(table, free)[0]
 
 
@@ -98,26 +96,6 @@ def test_tied_layers_share_an_option_at_the_tied_optimum():
             assert size <= table.budget_bits(bpw) + 1e-6
             if alloc is not baq_allocate:
                 assert cost == pytest.approx(want, rel=1e-9), alloc.__name__
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_ip_bops_constraint_equals_brute_force(seed):
-    """A second budget (compute: bit-operations, here weights x bits^2) binds where the size
-    budget alone would not; the ip optimum under both equals enumeration under both."""
-    table = random_table(7, seed=seed)
-    bops = table.weights[:, None] * torch.tensor([2.0, 3.0, 4.0, 8.0]) ** 2
-    L, O = table.cost.shape
-    combos = torch.tensor(list(itertools.product(range(O), repeat=L))).t()
-    c, s = table.cost.gather(1, combos).sum(0), table.size.gather(1, combos).sum(0)
-    b = bops.gather(1, combos).sum(0)
-    bpw = 6.0
-    free = ip_allocate(table, bpw)
-    cap = 0.7 * float(bops.gather(1, free[:, None]).sum())     # binds: the free optimum breaks it
-    c[(s > table.budget_bits(bpw) + 1e-6) | (b > cap + 1e-6)] = float("inf")
-    choice = ip_allocate(table, bpw, bops=bops, bops_budget=cap)
-    assert float(bops.gather(1, choice[:, None]).sum()) <= cap + 1e-6
-    assert total(table, choice)[0] == pytest.approx(float(c.min()), rel=1e-9)
-    assert total(table, choice)[0] > total(table, free)[0]
 
 
 def _tied_combos(table, groups):
@@ -228,7 +206,6 @@ def test_cost_table_uses_the_first_calibration_windows():
 def test_prices_are_the_output_errors_on_the_calibration_tokens():
     """hessian: mean over tokens of ||E x||²; fisher: the same per output row, weighted by the
     row's output Fisher. Written from explicit tokens X, not from H."""
-    from quantkit.stats.sensitivity import fisher_price, hessian_price
     g = torch.Generator().manual_seed(0)
     X = torch.randn(50, 8, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 8, dtype=torch.float64)
     E = torch.randn(5, 8, generator=g, dtype=torch.float64)

@@ -8,7 +8,7 @@ from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.formats.llm_int8 import make_llm_int8
 from quantkit.kernels import KERNELS, select
 from quantkit.pipeline import compress_model
-from quantkit.quant.base import QSpec
+from quantkit.quant.base import LayerStats, QSpec
 from quantkit.quant.llm_int8 import llm_int8
 from tests.conftest import tiny_model, token_batches
 from tests.test_models import outputs, plan_for
@@ -163,7 +163,6 @@ def test_outlier_set_is_the_threshold_crossers_plus_calibrations_columns(name):
 
 
 def test_compressor_keeps_calibrations_threshold_crossers_up_to_one_percent():
-    from quantkit.quant.base import LayerStats
     W = torch.randn(16, 300) * 0.05
     absmax = torch.full((300,), 0.5)
     absmax[[7, 100, 201]] = torch.tensor([2.5, 9.0, 3.0])   # 3.0 crosses 3.0; 2.5 does not

@@ -4,7 +4,7 @@ import torch
 from quantkit.formats.packed import make_int
 from quantkit.quant.base import QSpec, fit_groups
 from quantkit.quant.gptq import gptq_codes
-from quantkit.quant.grid import fit_grid, quantize
+from quantkit.quant.grid import fit_grid, minmax_grid, quantize
 from quantkit.quant.rtn import rtn_codes
 
 
@@ -128,7 +128,6 @@ def test_asymmetric_minmax_grid_rounds_the_zero_to_nearest():
     # range [-0.3, 1.2] at 4 bits: scale 1.5/15 (stored fp16), -min/scale = 3.0007 -> zero 3
     # (ceil would give 4 and shift every code); the all-positive row gets zero 0 and its
     # range starts at 0; a flat zero row gets the unit fallback range [-1, 1].
-    from quantkit.quant.grid import minmax_grid
     x = torch.tensor([[-0.3, 0.0, 0.7, 1.2], [0.5, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
     s, z = minmax_grid(x, 4, sym=False)
     f16 = lambda v: torch.tensor(v).to(torch.float16).float()  # noqa: E731
