@@ -17,14 +17,14 @@ from torch import nn
 from quantkit import registry
 from quantkit.calib.text import calibration_batches
 from quantkit.errors import QuantkitError
-from quantkit.alloc.table import CostTable, tie
+from quantkit.alloc.table import CostTable, check_budget, tie
 from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
-from quantkit.model.loader import load_model
+from quantkit.model.loader import layer_shapes, load_model
 from quantkit.prune.mask import parse_pattern
 from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
-from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss
+from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
 from quantkit.quant.rotation import rotate_model
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
@@ -217,13 +217,22 @@ def _check(recipe: Recipe) -> None:
                             f"{', '.join(SENSITIVITIES)}")
     if recipe.prune is not None:
         _check_prune(recipe)
+    elif mixed:                                     # bad specs and budgets fail before loading
+        _check_budget(recipe, [option_spec(recipe, option) for option in recipe.bit_options])
     else:
-        if mixed:                                   # bad specs fail before loading
-            for option in recipe.bit_options:
-                option_spec(recipe, option)
-        else:
-            base_spec(recipe)
+        base_spec(recipe)
     _token_weights(recipe)
+
+
+def _check_budget(recipe: Recipe, options: list[QSpec]) -> None:
+    """The budget against the option sizes on the layer shapes (from the config: no weights, no
+    calibration). Sizes are each compressor's floor (no g_idx, no outlier columns), so a budget
+    below their smallest sum can never be met; the cost table checks the exact sizes later."""
+    compressor = registry.get("compressor", recipe.method)
+    shapes = list(layer_shapes(recipe.model).values())
+    n = sum(o * i for o, i in shapes)
+    sizes = [[storage_floor(compressor, o, i, s) for s in options] for o, i in shapes]
+    check_budget(recipe.bits, sum(map(min, sizes)) / n, sum(map(max, sizes)) / n)
 
 
 def _check_prune(recipe: Recipe) -> None:

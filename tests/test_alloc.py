@@ -195,6 +195,32 @@ def test_cost_tables_price_more_bits_as_cheaper_errors():
     assert torch.equal(model.get_submodule(names[0]).weight, tiny_model("llama").get_submodule(names[0]).weight)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-baq", "nupes", "llm-int8"])
+def test_storage_floors_from_shapes_equal_the_packed_sizes(method):
+    """The early budget check prices layers from their shapes alone: exactly what the packed
+    layers store (formats without g_idx / outlier columns), never more than they do."""
+    import functools
+    import quantkit.pipeline  # noqa: F401  (registers every method)
+    from quantkit import registry
+    from quantkit.quant.base import QSpec, storage_floor
+    from quantkit.stats.sensitivity import cost_table
+    from tests.conftest import tiny_model, token_batches
+    model = tiny_model("llama")
+    options = [QSpec(bits=b, group_size=g, sym=sym) for b, g, sym in
+               ((2, 32, False), (3, -1, False), (4, 48, True), (8, 32, False))]
+    compressor = registry.get("compressor", method)
+    def sizes(**kw):
+        quantizer = functools.partial(compressor, **kw)
+        return cost_table(model, token_batches(), options, quantizer, torch.device("cpu"), progress=False).size
+    size = sizes(threshold=float("inf")) if method == "llm-int8" else sizes()
+    names = [n for n, _ in model.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")]
+    floor = torch.tensor([[storage_floor(compressor, *model.get_submodule(n).weight.shape, s)
+                           for s in options] for n in names], dtype=torch.float64)
+    assert torch.equal(size, floor)
+    if method == "llm-int8":      # threshold 0: every layer keeps outlier columns in fp16 at 8 bits
+        assert torch.all(sizes(threshold=0.0)[:, 3] > floor[:, 3])
+
+
 def test_cost_table_uses_the_first_calibration_windows():
     from quantkit.pipeline import first_samples
     batches = [torch.arange(8 * 3).reshape(8, 3), torch.arange(8 * 3).reshape(8, 3) + 100]

@@ -29,15 +29,20 @@ class CostTable:
 
     def check_feasible(self, bits_per_weight: float) -> None:
         """Clear error naming the feasible range when the budget cannot be met."""
-        lo = float(self.size.min(1).values.sum() / self.weights.sum())
-        hi = float(self.size.max(1).values.sum() / self.weights.sum())
-        if bits_per_weight < lo - 1e-9:
-            raise QuantkitError(f"budget of {bits_per_weight} bits per weight is infeasible: the "
-                                f"smallest feasible budget with these options is {lo:.4f} and the "
-                                f"largest useful one {hi:.4f}; raise --bits or add smaller --bit-options")
+        w = self.weights.sum()
+        check_budget(bits_per_weight, float(self.size.min(1).values.sum() / w),
+                     float(self.size.max(1).values.sum() / w))
 
     def as_plan(self, choice: Tensor) -> dict[str, QSpec]:
         return {name: self.options[int(o)] for name, o in zip(self.layers, choice)}
+
+
+def check_budget(bits_per_weight: float, lo: float, hi: float) -> None:
+    """The error for a budget below the smallest options everywhere (lo), naming the range."""
+    if bits_per_weight < lo - 1e-9:
+        raise QuantkitError(f"budget of {bits_per_weight} bits per weight is infeasible: the "
+                            f"smallest feasible budget with these options is {lo:.4f} and the "
+                            f"largest useful one {hi:.4f}; raise --bits or add smaller --bit-options")
 
 
 def tie(table: CostTable, groups: list[list[str]]) -> tuple[CostTable, Tensor]:

@@ -34,6 +34,11 @@ def make_llm_int8(W: Tensor, threshold: float = DEFAULT_THRESHOLD,
     return PackedLinear("llm-int8", tuple(W.shape), tensors, meta)
 
 
+def llm_int8_storage_bits(out_f: int, in_f: int) -> int:
+    """Bits make_llm_int8 stores without fp16 outlier columns: int8 codes and fp32 absmax."""
+    return out_f * (8 * in_f + 32)
+
+
 @register_format("llm-int8")
 def _dequantize(p: PackedLinear) -> Tensor:
     W = p.tensors["qweight"].float() * (p.tensors["absmax"].float() / 127)[:, None]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantkit.formats.packed import PackedLinear, g_idx_tensor, group_map, pack, register_format
-from quantkit.formats.packing import unpack
+from quantkit.formats.packed import (PackedLinear, g_idx_tensor, group_map, n_groups, pack,
+                                     register_format)
+from quantkit.formats.packing import unpack, words_per_row
 
 
 def make_lut(codes: Tensor, lut: Tensor, scales: Tensor, bits: int, group_size: int,
@@ -30,6 +31,11 @@ def make_lut(codes: Tensor, lut: Tensor, scales: Tensor, bits: int, group_size: 
     tensors.update(g_idx_tensor(in_f, group_size, g_idx))
     return PackedLinear("lut", (out_f, in_f), tensors,
                         {"bits": bits, "group_size": group_size, **meta})
+
+
+def lut_storage_bits(out_f: int, in_f: int, bits: int, group_size: int) -> int:
+    """Bits make_lut stores for an [out_f, in_f] layer with contiguous groups (no g_idx)."""
+    return out_f * (32 * words_per_row(in_f, bits) + 16 * n_groups(in_f, group_size)) + (32 << bits)
 
 
 def lut_parts(p: PackedLinear) -> tuple[Tensor, Tensor, Tensor, Tensor]:

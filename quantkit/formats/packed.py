@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from quantkit.formats.packing import pack, radix_pack, radix_unpack, radix_words, unpack
+from quantkit.formats.packing import pack, radix_pack, radix_unpack, radix_words, unpack, words_per_row
 
 Dequantizer = Callable[["PackedLinear"], Tensor]
 FORMATS: dict[str, Dequantizer] = {}
@@ -64,6 +64,13 @@ def make_int(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
     tensors = {"qweight": pack(codes, bits), **_grid_tensors(in_f, scales, zeros, bits, group_size, g_idx)}
     meta = {"bits": bits, "group_size": group_size, "sym": zeros is None}
     return PackedLinear("int", (out_f, in_f), tensors, meta)
+
+
+def int_storage_bits(out_f: int, in_f: int, bits: int, group_size: int, sym: bool) -> int:
+    """Bits make_int stores for an [out_f, in_f] layer with contiguous groups (no g_idx)."""
+    g = n_groups(in_f, group_size)
+    words = words_per_row(in_f, bits) + (0 if sym else words_per_row(g, bits))
+    return out_f * (32 * words + 16 * g)
 
 
 def _grid_tensors(in_f: int, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,

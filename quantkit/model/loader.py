@@ -9,7 +9,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.model import zoo
-from quantkit.model.discovery import find_blocks
+from quantkit.model.discovery import find_blocks, linears, weight_matrix
 
 
 def resolve_source(name: str) -> str:
@@ -80,3 +80,11 @@ def build_empty(config) -> nn.Module:
     cls = model_class(config)
     with init_empty_weights(include_buffers=False):
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+
+def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """[out, in] of every block linear of a source checkpoint, from its config alone."""
+    model = build_empty(load_config(resolve_source(name)))
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": tuple(weight_matrix(m).shape)
+            for i, b in enumerate(blocks) for n, m in linears(b).items()}

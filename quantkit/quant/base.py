@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from quantkit.formats.packed import PackedLinear, n_groups
+from quantkit.formats.packed import PackedLinear, int_storage_bits, n_groups
 from quantkit.quant.grid import fit_grid
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -42,6 +42,15 @@ class QSpec:
 
 class Compressor(Protocol):
     def __call__(self, W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear: ...
+
+
+def storage_floor(compressor, out_f: int, in_f: int, spec: QSpec) -> int:
+    """The fewest bits `compressor` stores for an [out_f, in_f] layer at `spec`, from the shape:
+    its own `storage_floor` attribute, else the plain integer format's (without g_idx)."""
+    own = getattr(compressor, "storage_floor", None)
+    if own is not None:
+        return own(out_f, in_f, spec)
+    return int_storage_bits(out_f, in_f, spec.bits, spec.group_size, spec.sym)
 
 
 def group_width(in_features: int, spec: QSpec) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from quantkit.formats.llm_int8 import DEFAULT_THRESHOLD, make_llm_int8
-from quantkit.formats.packed import PackedLinear
+from quantkit.formats.llm_int8 import DEFAULT_THRESHOLD, llm_int8_storage_bits, make_llm_int8
+from quantkit.formats.packed import PackedLinear, int_storage_bits
 from quantkit.quant.base import LayerStats, QSpec
 from quantkit.quant.gptq import gptq
 from quantkit.registry import register
@@ -34,3 +34,13 @@ def llm_int8(W: Tensor, stats: LayerStats | None, spec: QSpec,
     if stats is None:
         raise ValueError("llm-int8 below 8 bits runs GPTQ, which needs calibration statistics")
     return gptq(W, stats, spec)
+
+
+def _storage_floor(out_f: int, in_f: int, spec: QSpec) -> int:
+    """The fewest bits a layer can take: no outlier columns at 8 bits, GPTQ's grid below."""
+    if spec.bits == 8:
+        return llm_int8_storage_bits(out_f, in_f)
+    return int_storage_bits(out_f, in_f, spec.bits, spec.group_size, spec.sym)
+
+
+llm_int8.storage_floor = _storage_floor

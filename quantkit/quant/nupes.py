@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.lut import lut_dequantize, make_lut
+from quantkit.formats.lut import lut_dequantize, lut_storage_bits, make_lut
 from quantkit.formats.packed import PackedLinear, group_index
 from quantkit.quant.base import LayerStats, QSpec, group_width, proxy_loss
 from quantkit.quant.gptq import inverse_hessian_factor
@@ -313,3 +313,11 @@ def nupes(W: Tensor, stats: LayerStats | None, spec: QSpec, feedback: bool = Tru
 def nupes_ste(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
     """NUPES with straight-through learning from plain rounding only (no GPTQ feedback)."""
     return nupes(W, stats, spec, feedback=False, learn_steps=300)
+
+
+def _storage_floor(out_f: int, in_f: int, spec: QSpec) -> int:
+    """The fewest bits a layer can take (the lut format without g_idx)."""
+    return lut_storage_bits(out_f, in_f, spec.bits, spec.group_size)
+
+
+nupes.storage_floor = nupes_df.storage_floor = nupes_ste.storage_floor = _storage_floor
