@@ -1,19 +1,58 @@
 """quantkit: post-training quantization and compression for Hugging Face models."""
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
+from quantkit.pipeline import Report  # noqa: E402
 from quantkit.nn.hf import register as _register_with_transformers  # noqa: E402
 
 _register_with_transformers()
 
 
-def quantize(recipe: Recipe, progress: bool = True):
-    """Run the pipeline for a Recipe; returns a Report (with .model, the fake-quantized model)."""
+def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = True, **overrides):
+    """Quantize a model; returns a Report (.model: the fake-quantized model, .save(dir)).
+
+    model: an nn.Module already in memory (quantized in place; pass its tokenizer to calibrate
+    on text or to save one), a local checkpoint directory, a hub id, a recipe name ("llama")
+    or a Recipe. recipe: a Recipe or a recipe name/YAML path (default: the recipe of that
+    name for a string model, Recipe() defaults otherwise). calib: calibration text (a string or
+    a list of them) or token ids [n, seqlen], instead of the recipe's dataset. overrides: recipe
+    fields, e.g. bits=3, method="rsq", alloc="ip", **{"calib.n_samples": 64}.
+
+        report = quantkit.quantize(model, tokenizer, bits=4, method="gptq", calib=texts)
+        report.save("out/model-w4")
+    """
+    from torch import nn
     from quantkit.pipeline import run
-    return run(recipe, progress)
+    from quantkit.recipe import load_recipe
+    if isinstance(model, Recipe):
+        recipe, model = model if recipe is None else recipe, None
+    elif isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        recipe = load_recipe(name) if recipe is None else _recipe(recipe).with_overrides(model=name)
+        model = None
+    elif isinstance(model, nn.Module):
+        recipe = _recipe(recipe)
+    else:
+        raise QuantkitError(f"quantize: model must be an nn.Module, a path, a hub id, a recipe name "
+                            f"or a Recipe; got {type(model).__name__}")
+    return run(_recipe(recipe).with_overrides(**overrides), progress, model=model,
+               tokenizer=tokenizer, calib=calib)
+
+
+def _recipe(recipe) -> Recipe:
+    from quantkit.recipe import load_recipe
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(os.fspath(recipe))
+    raise QuantkitError(f"quantize: recipe must be a Recipe or a recipe name; got {type(recipe).__name__}")
 
 
 def load(path, device: str = "cpu", kernel: str = "auto", dtype=None, keep_packed: bool = False):
@@ -22,4 +61,4 @@ def load(path, device: str = "cpu", kernel: str = "auto", dtype=None, keep_packe
     return _load(path, device, kernel, dtype, keep_packed)
 
 
-__all__ = ["Recipe", "QuantkitError", "quantize", "load", "__version__"]
+__all__ = ["Recipe", "Report", "QuantkitError", "quantize", "load", "__version__"]

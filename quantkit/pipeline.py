@@ -10,15 +10,17 @@ import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from quantkit import registry
-from quantkit.calib.text import calibration_batches
+from quantkit.calib.text import calibration_batches, user_calibration
 from quantkit.errors import QuantkitError
 from quantkit.alloc.table import CostTable, check_budget, tie
-from quantkit.formats.io import atomic_dir, save_packed
+from quantkit.formats.io import save_checkpoint
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import layer_shapes, load_model
@@ -45,18 +47,43 @@ for _pkg in (quantkit.alloc, quantkit.prune, quantkit.quant):   # every allocato
 
 @dataclass
 class Report:
-    """Closing summary of a run (also written as run.json next to the checkpoint)."""
+    """What a run gives back: the summary (also written as run.json next to the checkpoint) and
+    the fake-quantized model in memory with its packed layers, ready to evaluate or save."""
     method: str
     out: str | None
     seconds: float
     bits_per_weight: float          # (packed bits + scales/zeros/g_idx) / weights, quantized linears
-    size_bytes: int                 # checkpoint file size
+    size_bytes: int                 # checkpoint file size (0 until saved)
     original_size_bytes: int        # fp32 parameters of the original model
     n_layers: int
     layers: dict = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    packed: dict[str, PackedLinear] = field(default_factory=dict, repr=False)
+    table: CostTable | None = field(default=None, repr=False)     # the mixed-precision cost table
+    recipe: Recipe | None = field(default=None, repr=False)
+    source: str = ""
+
+    SUMMARY = ("method", "out", "seconds", "bits_per_weight", "size_bytes", "original_size_bytes",
+               "n_layers", "layers")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.SUMMARY}
+
+    def save(self, out: str | Path) -> "Report":
+        """Write the packed checkpoint to `out` (atomically: all of it or nothing)."""
+        if self.model is None or self.recipe is None:
+            raise QuantkitError("this report holds no model to save")
+        self.out = str(out)
+        recipe = self.recipe.with_overrides(out=self.out)
+
+        def files(size: int) -> dict[str, str]:
+            self.size_bytes = size
+            return {"recipe.yaml": recipe.to_yaml(),
+                    "run.json": json.dumps(_provenance(recipe, self), indent=2)}
+        save_checkpoint(out, self.model, self.packed, self.tokenizer,
+                        {"recipe": recipe.to_dict(), "source": self.source}, files)
+        return self
 
 
 def seed_everything(seed: int) -> None:
@@ -205,7 +232,9 @@ def _param_bytes(model: nn.Module) -> int:
     return total
 
 
-def _check(recipe: Recipe) -> None:
+def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
+    """Every check that needs no calibration, before anything is loaded (`model`: the
+    in-memory model the run was given, whose shapes the budget check reads)."""
     mixed = recipe.alloc != "uniform"
     if mixed and recipe.alloc not in registry.names("allocator"):
         raise QuantkitError(f"unknown allocator {recipe.alloc!r}; choose one of: uniform, "
@@ -218,18 +247,18 @@ def _check(recipe: Recipe) -> None:
     if recipe.prune is not None:
         _check_prune(recipe)
     elif mixed:                                     # bad specs and budgets fail before loading
-        _check_budget(recipe, [option_spec(recipe, option) for option in recipe.bit_options])
+        _check_budget(recipe, [option_spec(recipe, option) for option in recipe.bit_options], model)
     else:
         base_spec(recipe)
     _token_weights(recipe)
 
 
-def _check_budget(recipe: Recipe, options: list[QSpec]) -> None:
+def _check_budget(recipe: Recipe, options: list[QSpec], model: nn.Module | None) -> None:
     """The budget against the option sizes on the layer shapes (from the config: no weights, no
     calibration). Sizes are each compressor's floor (no g_idx, no outlier columns), so a budget
     below their smallest sum can never be met; the cost table checks the exact sizes later."""
     compressor = registry.get("compressor", recipe.method)
-    shapes = list(layer_shapes(recipe.model).values())
+    shapes = list(layer_shapes(recipe.model if model is None else model).values())
     n = sum(o * i for o, i in shapes)
     sizes = [[storage_floor(compressor, o, i, s) for s in options] for o, i in shapes]
     check_budget(recipe.bits, sum(map(min, sizes)) / n, sum(map(max, sizes)) / n)
@@ -260,11 +289,29 @@ def _token_weights(recipe: Recipe) -> TokenWeights | None:
     return token_weighting(c.importance, c.r_min, c.r_max, c.first_n)
 
 
-def _setup(recipe: Recipe, need_data: bool):
-    """Seeded model, tokenizer, source, calibration batches (or None), linear names, device."""
+@dataclass
+class Loaded:
+    """The model ready for calibration: seeded, prepared (e.g. rotated), placed."""
+    model: nn.Module
+    tokenizer: Any
+    source: str                       # where the model came from (path, hub id, or a description)
+    batches: list[torch.Tensor] | None   # calibration token windows, when the run needs data
+    layer_names: list[str]            # every block linear, in block order
+    device: torch.device
+
+
+def _load(recipe: Recipe, need_data: bool, model: nn.Module | None = None, tokenizer=None,
+          calib=None) -> Loaded:
+    """Load recipe.model (or take `model`), prepare it, draw the calibration windows."""
     seed_everything(recipe.seed)
     device = check_device(recipe.device)
-    model, tokenizer, source = load_model(recipe.model)
+    if model is None:
+        model, loaded_tokenizer, source = load_model(recipe.model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    else:
+        find_blocks(model)                                  # unsupported architectures fail here
+        model.eval()
+        source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     if recipe.method == "rsq" and recipe.rsq.rotate:
         rotate_model(model, recipe.rsq.seed, recipe.rsq.online_hadamard)    # before calibration: every statistic is of the rotated model
     prefix, blocks = find_blocks(model)
@@ -272,10 +319,14 @@ def _setup(recipe: Recipe, need_data: bool):
     batches = None
     if need_data:
         c = recipe.calib
-        batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
-                                      c.batch_size)
+        if calib is None:
+            batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
+                                          c.batch_size)
+        else:
+            batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
+                                       c.batch_size)
     _place_outside_blocks(model, blocks, device)
-    return model, tokenizer, source, batches, layer_names, device
+    return Loaded(model, tokenizer, source, batches, layer_names, device)
 
 
 def _compressor(recipe: Recipe):
@@ -300,8 +351,8 @@ def _recipe_table(recipe: Recipe, model: nn.Module, batches: list[torch.Tensor],
 def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
     """The cost table a mixed-precision run of this recipe would build (to reuse via run(table=))."""
     _check(recipe)
-    model, _, _, batches, names, device = _setup(recipe, True)
-    return _recipe_table(recipe, model, batches, names, device, progress)
+    m = _load(recipe, True)
+    return _recipe_table(recipe, m.model, m.batches, m.layer_names, m.device, progress)
 
 
 def allocate(recipe: Recipe, table: CostTable):
@@ -314,52 +365,46 @@ def allocate(recipe: Recipe, table: CostTable):
     return allocator(tied, recipe.bits)[rows]
 
 
-def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None) -> Report:
-    """Quantize recipe.model as the recipe says; save to recipe.out when given.
+def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
+        model: nn.Module | None = None, tokenizer=None, calib=None) -> Report:
+    """Quantize recipe.model (or `model`, in place) as the recipe says; save to recipe.out when
+    given.
 
     table: the cost table of this recipe built earlier (sensitivity_table), to compare
-    allocators or budgets without rebuilding it.
+    allocators or budgets without rebuilding it. calib: calibration text (a string or a list of
+    them, drawn into the recipe's windows) or token ids [n, seqlen] (used as they are) instead
+    of the recipe's calibration dataset.
     """
     t0 = time.time()
-    _check(recipe)
+    _check(recipe, model)
     compressor = _compressor(recipe)
     mixed = recipe.alloc != "uniform"
-    model, tokenizer, source, batches, layer_names, device = _setup(
-        recipe, mixed or getattr(compressor, "needs_stats", True))
+    m = _load(recipe, mixed or getattr(compressor, "needs_stats", True), model, tokenizer, calib)
     if mixed:
         if table is None:
-            table = _recipe_table(recipe, model, batches, layer_names, device, progress)
+            table = _recipe_table(recipe, m.model, m.batches, m.layer_names, m.device, progress)
         choice = allocate(recipe, table)
         plan = table.as_plan(choice)
         if recipe.report:
             write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
     else:
         spec = _prune_spec(recipe) if recipe.prune is not None else base_spec(recipe)
-        plan = {name: spec for name in layer_names}
-    packed, info = compress_model(model, batches, plan, compressor, device,
+        plan = {name: spec for name in m.layer_names}
+    packed, info = compress_model(m.model, m.batches, plan, compressor, m.device,
                                   recipe.true_sequential, recipe.fp_target, progress,
                                   token_weights=_token_weights(recipe))
-    model.to("cpu")
+    m.model.to("cpu")
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
     report = Report(method=recipe.method if recipe.prune is None else f"{recipe.prune} {recipe.pattern}"
-                    + ("" if recipe.bits == 16 else f" + {recipe.method}"), out=recipe.out, seconds=0.0, bits_per_weight=bpw,
-                    size_bytes=0, original_size_bytes=_param_bytes(model), n_layers=len(packed),
-                    layers=info)
+                    + ("" if recipe.bits == 16 else f" + {recipe.method}"), out=None, seconds=0.0, bits_per_weight=bpw,
+                    size_bytes=0, original_size_bytes=_param_bytes(m.model), n_layers=len(packed),
+                    layers=info, model=m.model, tokenizer=m.tokenizer, packed=packed, table=table,
+                    recipe=recipe, source=m.source)
     if recipe.out:
         report.seconds = time.time() - t0
-        with atomic_dir(recipe.out) as tmp:
-            save_packed(tmp, model, packed, {"recipe": recipe.to_dict(), "source": source})
-            tokenizer.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-            report.size_bytes = (tmp / "model.safetensors").stat().st_size
-            (tmp / "run.json").write_text(json.dumps(_provenance(recipe, report), indent=2))
+        report.save(recipe.out)
     report.seconds = time.time() - t0
-    report.model, report.tokenizer = model, tokenizer  # in-memory fake-quantized model for evals
-    report.packed = packed
-    report.table = table
     return report
 
 

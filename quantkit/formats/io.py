@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +72,23 @@ def save_packed(dir: Path, model: nn.Module, packed: dict[str, PackedLinear], ex
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(packed, extra)
     (dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedLinear], tokenizer,
+                    extra: dict, files: Callable[[int], dict[str, str]]) -> int:
+    """Write the whole output directory atomically: weights + manifest, tokenizer (when there is
+    one), generation config and the text files `files(weights' size in bytes)` names; returns
+    the weights' size."""
+    with atomic_dir(out) as tmp:
+        save_packed(tmp, model, packed, extra)
+        size = (tmp / WEIGHTS).stat().st_size
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        for name, text in files(size).items():
+            (tmp / name).write_text(text)
+        return size
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -82,9 +82,11 @@ def build_empty(config) -> nn.Module:
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
-def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
-    """[out, in] of every block linear of a source checkpoint, from its config alone."""
-    model = build_empty(load_config(resolve_source(name)))
+def layer_shapes(model: str | nn.Module) -> dict[str, tuple[int, int]]:
+    """[out, in] of every block linear of a model, or of a source checkpoint from its config
+    alone (built on the meta device: no weight is read)."""
+    if not isinstance(model, nn.Module):
+        model = build_empty(load_config(resolve_source(model)))
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}": tuple(weight_matrix(m).shape)
             for i, b in enumerate(blocks) for n, m in linears(b).items()}
