@@ -148,13 +148,16 @@ def cmd_quantize(a) -> dict:
     rep = run(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
     if a.eval and len(texts) == 1:
-        summary.update(_ppl(rep.model, rep.tokenizer, texts[0], r.eval.dataset, r.eval.seqlen,
-                            r.eval.max_windows))
+        from quantkit.evaluate import text_perplexity
+        summary.update(text_perplexity(rep.model, rep.tokenizer, texts[0], r.eval.seqlen,
+                                       r.eval.max_windows), dataset=r.eval.dataset, seqlen=r.eval.seqlen)
     elif a.eval:
+        from quantkit.evaluate import suite_perplexity
         from quantkit.model.loader import resolve_source
-        res = _suite(a.target, rep.model, rep.tokenizer, r.eval.dataset, resolve_source(r.model),
-                     r.eval.seqlen, r.eval.max_windows)
-        summary.update(dataset=res["dataset"], ppl=res["geomean_ppl"], suite=res)
+        res = suite_perplexity(rep.model, rep.tokenizer, r.eval.dataset, resolve_source(r.model),
+                               r.eval.seqlen, r.eval.max_windows)
+        _print_suite(res)
+        summary.update(dataset=res["dataset"], ppl=res["geomean_ppl"], suite={"target": a.target, **res})
     print(f"compressed {rep.n_layers} linears of {r.model} with {rep.method} in {rep.seconds:.1f}s: "
           f"{rep.bits_per_weight:.3f} bits/weight, {rep.original_size_bytes / 2**20:.1f} MiB (fp32) -> "
           f"{rep.size_bytes / 2**20:.1f} MiB -> {r.out}"
@@ -172,120 +175,44 @@ def _run_name(r) -> str:
     return f"{quant}-{r.method}" + ("" if r.alloc == "uniform" else f"-{r.alloc}")
 
 
-def _causal(model) -> None:
-    if not any(k in type(model).__name__ for k in ("CausalLM", "LMHead")):
-        from quantkit.errors import QuantkitError
-        raise QuantkitError(f"perplexity needs a causal language model, not {type(model).__name__}")
-
-
-def _ppl(model, tokenizer, text: str, dataset: str, seqlen: int, max_windows: int | None) -> dict:
-    from evals.perplexity import perplexity, tokenize
-    from evals.suite import needs_bos
-    _causal(model)
-    ids = tokenize(tokenizer, text)
-    bos = tokenizer.bos_token_id if needs_bos(model) else None
-    res = perplexity(model, ids, seqlen, max_windows, bos_id=bos)
-    return {**res, "dataset": dataset, "seqlen": seqlen}
-
-
 def cmd_eval(a) -> dict:
     """One corpus or file: its perplexity. No --dataset or a composite (mix, fold-a, a,b): the
     suite, every domain as a ratio to the fp32 original and the geometric mean."""
-    import torch
-    from transformers import AutoTokenizer
-
-    import quantkit
-    from evals.data import domains, load_text
-    from quantkit.formats.io import read_manifest
-    from quantkit.model.loader import load_model, resolve_source
+    from quantkit.evaluate import evaluate_target
     from quantkit.pipeline import check_device
-    from quantkit.recipe import EvalConfig, find_recipe, load_recipe
-    device = str(check_device(a.device or "cpu"))
-    target, ev = a.target, EvalConfig()
-    if find_recipe(target) and not Path(target).is_dir():
-        ev = load_recipe(target).eval
-    dataset = a.dataset or ev.dataset
-    texts = [load_text(d, "eval") for d in domains(dataset)]  # fail before loading the model
-    if (Path(target) / "config.json").is_file() and '"quantkit"' in (Path(target) / "config.json").read_text():
-        model = quantkit.load(target, device=device, kernel=a.kernel)
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        source = read_manifest(target).get("source")
+    res = evaluate_target(a.target, a.dataset, a.seqlen, a.max_windows,
+                          str(check_device(a.device or "cpu")), a.kernel)
+    if res.pop("suite", False):
+        _print_suite(res)
     else:
-        if find_recipe(target) and not Path(target).is_dir():
-            target = load_recipe(target).model
-        model, tokenizer, _ = load_model(target, device)
-        source = None                                        # the original itself: ratios are 1
-    if len(domains(dataset)) == 1:
-        with torch.no_grad():
-            res = _ppl(model, tokenizer, texts[0], dataset, a.seqlen or ev.seqlen,
-                       a.max_windows or ev.max_windows)
         print(f"{a.target}: ppl {res['ppl']:.4f} on {res['dataset']} "
               f"({res['tokens']} tokens, {res['windows']} windows of {res['seqlen']})")
-        return {"target": a.target, **res}
-    return _suite(a.target, model, tokenizer, dataset, resolve_source(source) if source else None,
-                  a.seqlen, a.max_windows)
+    return res
 
 
-def _suite(target: str, model, tokenizer, dataset: str, source: str | None, seqlen: int | None,
-           windows: int | None) -> dict:
-    import torch
-    from evals.suite import SEQLEN, WINDOWS, suite
-    _causal(model)
-    with torch.no_grad():
-        res = suite(model, tokenizer, dataset, seqlen or SEQLEN, windows or WINDOWS, source)
+def _print_suite(res: dict) -> None:
     print(f"{'domain':10s} {'ppl':>9s} {'fp32':>9s} {'x fp32':>7s}")
     for d, r in res["domains"].items():
         print(f"{d:10s} {r['ppl']:9.3f} {r.get('fp32_ppl', r['ppl']):9.3f} {r.get('ratio', 1.0):7.3f}")
     print(f"{'geomean':10s} {res['geomean_ppl']:9.3f} {'':9s} {res.get('geomean_ratio', 1.0):7.3f}   "
           f"({res['windows']} windows of {res['seqlen']} tokens per domain)")
-    return {"target": target, **res}
 
 
 def cmd_inspect(a) -> dict:
-    from quantkit.formats.io import SAFETENSORS_DTYPES, read_manifest
-    qc = read_manifest(a.target)
-    import safetensors
-    layers = qc["layers"]
-    sizes, wrap = {}, {}
-    with safetensors.safe_open(str(Path(a.target) / "model.safetensors"), "pt") as f:
-        for k in f.keys():
-            mod, _, leaf = k.rpartition(".")
-            if mod in layers and leaf not in ("bias",):
-                sl = f.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                sizes[mod] = sizes.get(mod, 0) + n * 8 * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
-                if leaf in ("pre", "post"):    # ARMOR's block-diagonal wrappers
-                    wrap[mod] = wrap.get(mod, 0) + n
-    total_w = 0
+    from quantkit.formats.io import inspect_checkpoint
+    res = inspect_checkpoint(a.target)
     print(f"{'layer':60s} {'fmt':6s} {'bits':>4s} {'group':>5s} {'bpw':>6s}")
-    for name, info in layers.items():
-        nw = info["shape"][0] * info["shape"][1]
-        total_w += nw
-        fmt = info["format"] + (f" {info['n']}:{info['m']}" if "n" in info else "")
-        print(f"{name:60s} {fmt:6s} {info.get('bits', '-'):>4} "
-              f"{info.get('group_size', '-'):>5} {sizes[name] / nw:6.3f}")
-    bpw = sum(sizes.values()) / total_w
-    print(f"{len(layers)} compressed linears, {total_w} weights, {bpw:.4f} effective bits per weight")
-    res = {"layers": len(layers), "weights": total_w, "bits_per_weight": bpw}
-    if wrap:
-        res.update(_wrapper_overhead(layers, wrap))
+    for name, r in res.pop("per_layer").items():
+        print(f"{name:60s} {r['format']:6s} {'-' if r['bits'] is None else r['bits']:>4} "
+              f"{'-' if r['group_size'] is None else r['group_size']:>5} {r['bpw']:6.3f}")
+    print(f"{res['layers']} compressed linears, {res['weights']} weights, "
+          f"{res['bits_per_weight']:.4f} effective bits per weight")
+    if "wrapped_layers" in res:
         print(f"ARMOR wrappers on {res['wrapped_layers']} linears: {res['wrapper_params']} parameters "
               f"(+{100 * res['wrapper_params_over_dense']:.2f}% of the dense weights); "
               f"{res['wrapper_flops_per_token']} FLOPs per token (+{100 * res['wrapper_flops_over_core']:.1f}% "
               f"over the sparse cores, {100 * res['wrapped_flops_over_dense']:.1f}% of dense in all)")
     return res
-
-
-def _wrapper_overhead(layers: dict, wrap: dict) -> dict:
-    """Extra parameters and FLOPs of block-diagonal wrappers (stored blocks, padding included)."""
-    dense = sum(layers[n]["shape"][0] * layers[n]["shape"][1] for n in wrap)
-    core = sum(layers[n]["shape"][0] * layers[n]["shape"][1] * layers[n]["n"] / layers[n]["m"] for n in wrap)
-    params = sum(wrap.values())
-    return {"wrapped_layers": len(wrap), "wrapper_params": params, "wrapper_params_over_dense": params / dense,
-            "wrapper_flops_per_token": 2 * params, "wrapper_flops_over_core": params / core,
-            "wrapped_flops_over_dense": (core + params) / dense}
 
 
 def cmd_export(a) -> dict:

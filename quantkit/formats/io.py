@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import safetensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
+from quantkit.formats.sparse import wrapper_overhead
 
 WEIGHTS = "model.safetensors"
 QUANT_METHOD = "quantkit"
@@ -105,6 +108,42 @@ def read_manifest(path: str | Path) -> dict:
         raise QuantkitError(f"{path}: not a quantkit checkpoint (quant_method="
                             f"{qc.get('quant_method')!r}); quantize it first with `quantkit quantize`")
     return qc
+
+
+def is_quantkit_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a quantkit output (its config's quant_method)."""
+    cfg = Path(path) / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """Per compressed linear: format, bits, group size and the bits it really stores per weight
+    (read from the safetensors headers, no tensor loaded); totals; ARMOR wrappers' overhead."""
+    layers = read_manifest(path)["layers"]
+    sizes, wrap = {}, {}
+    with safetensors.safe_open(str(Path(path) / WEIGHTS), "pt") as f:
+        for k in f.keys():
+            mod, _, leaf = k.rpartition(".")
+            if mod in layers and leaf != "bias":
+                sl = f.get_slice(k)
+                n = math.prod(sl.get_shape())
+                sizes[mod] = sizes.get(mod, 0) + n * 8 * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                if leaf in ("pre", "post"):    # ARMOR's block-diagonal wrappers
+                    wrap[mod] = wrap.get(mod, 0) + n
+    rows = {name: {"format": info["format"] + (f" {info['n']}:{info['m']}" if "n" in info else ""),
+                   "bits": info.get("bits"), "group_size": info.get("group_size"),
+                   "bpw": sizes[name] / (info["shape"][0] * info["shape"][1])}
+            for name, info in layers.items()}
+    total_w = sum(info["shape"][0] * info["shape"][1] for info in layers.values())
+    res = {"layers": len(layers), "weights": total_w, "bits_per_weight": sum(sizes.values()) / total_w,
+           "per_layer": rows}
+    if wrap:
+        res.update(wrapper_overhead(layers, wrap))
+    return res
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -200,3 +200,14 @@ def _dequantize_sparse(p: PackedLinear) -> Tensor:
     if "post" in p.tensors:
         W = block_diag_apply(p.tensors["post"].float(), W, "left")
     return W
+
+
+def wrapper_overhead(layers: dict, wrap: dict[str, int]) -> dict:
+    """Extra parameters and FLOPs of block-diagonal wrappers (`wrap`: layer -> stored wrapper
+    parameters, padding included; `layers`: the manifest's entries, with shape, n and m)."""
+    dense = sum(layers[n]["shape"][0] * layers[n]["shape"][1] for n in wrap)
+    core = sum(layers[n]["shape"][0] * layers[n]["shape"][1] * layers[n]["n"] / layers[n]["m"] for n in wrap)
+    params = sum(wrap.values())
+    return {"wrapped_layers": len(wrap), "wrapper_params": params, "wrapper_params_over_dense": params / dense,
+            "wrapper_flops_per_token": 2 * params, "wrapper_flops_over_core": params / core,
+            "wrapped_flops_over_dense": (core + params) / dense}
