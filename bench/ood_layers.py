@@ -26,7 +26,8 @@ from evals.suite import geomean  # noqa: E402
 from quantkit.calib.text import calibration_batches  # noqa: E402
 from quantkit.model.discovery import find_blocks, linears, weight_matrix  # noqa: E402
 from quantkit.model.loader import load_model  # noqa: E402
-from quantkit.model.runner import collect_hessians, input_groups, walk_blocks  # noqa: E402
+from quantkit.model.runner import input_groups, walk_blocks  # noqa: E402
+from quantkit.stats.hessian import collect_hessians  # noqa: E402
 from quantkit.quant.base import LayerStats, QSpec, proxy_loss  # noqa: E402
 from quantkit.quant.gptq import gptq  # noqa: E402
 from quantkit.quant.rtn import rtn  # noqa: E402

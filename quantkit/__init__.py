@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import os
 
-__version__ = "0.1.0"
-
+from quantkit.version import __version__  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
 from quantkit.pipeline import Report  # noqa: E402

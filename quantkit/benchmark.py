@@ -32,11 +32,11 @@ def _rss_mib(field: str = "VmRSS") -> float:
 
 
 def _load(variant: str, path: str, device: str, kernel: str):
-    import quantkit
     from quantkit.formats.io import read_manifest
     from quantkit.model.loader import load_model
+    from quantkit.serve import load
     if variant == "quantized":
-        return quantkit.load(path, device=device, kernel=kernel, dtype=torch.bfloat16)
+        return load(path, device=device, kernel=kernel, dtype=torch.bfloat16)
     source = read_manifest(path).get("source")
     if not source:
         raise QuantkitError(f"{path}: the manifest does not name its source model; bench only the "

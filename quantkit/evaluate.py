@@ -12,6 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.io import is_quantkit_checkpoint, read_manifest
 from quantkit.model.loader import load_model, resolve_source
 from quantkit.recipe import EvalConfig, find_recipe, load_recipe
+from quantkit.serve import load
 
 
 def require_causal(model: nn.Module) -> None:
@@ -48,13 +49,12 @@ def evaluate_target(target: str, dataset: str | None = None, seqlen: int | None 
     One corpus or file: its perplexity ("ppl"). No dataset (the recipe's) or a composite (mix,
     fold-a, a,b): the suite, as suite_perplexity gives it ("suite": True)."""
     from transformers import AutoTokenizer
-    import quantkit
     is_recipe = find_recipe(target) is not None and not Path(target).is_dir()
     ev = load_recipe(target).eval if is_recipe else EvalConfig()
     dataset = dataset or ev.dataset
     texts = [load_text(d, "eval") for d in domains(dataset)]      # fail before loading the model
     if is_quantkit_checkpoint(target):
-        model = quantkit.load(target, device=device, kernel=kernel)
+        model = load(target, device=device, kernel=kernel)
         tokenizer = AutoTokenizer.from_pretrained(target)
         source = read_manifest(target).get("source")
     else:

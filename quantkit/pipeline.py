@@ -25,16 +25,17 @@ from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import layer_shapes, load_model
 from quantkit.prune.mask import parse_pattern
-from quantkit.model.runner import collect_hessians, forward_block, input_groups, walk_blocks
+from quantkit.model.runner import forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
 from quantkit.quant.rotation import rotate_model
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
-from quantkit.stats.hessian import HessianAccumulator
+from quantkit.stats.hessian import HessianAccumulator, collect_hessians
 from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.stats.importance import TokenWeights, token_weighting
 from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, kl_table,
                                         output_fisher, trace_price)
+from quantkit.version import __version__
 
 import quantkit.alloc
 import quantkit.prune
@@ -422,11 +423,6 @@ def _place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch
 def _provenance(recipe: Recipe, report: Report) -> dict:
     import transformers
     return {"recipe": recipe.to_dict(), "seed": recipe.seed,
-            "versions": {"quantkit": _version(), "torch": torch.__version__,
+            "versions": {"quantkit": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
             "report": {k: v for k, v in report.to_dict().items() if k != "layers"}}
-
-
-def _version() -> str:
-    from quantkit import __version__
-    return __version__

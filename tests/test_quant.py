@@ -191,7 +191,7 @@ def test_baq_columns_beat_gptq_within_its_size(bits):
 
 
 def test_column_levels_closed_form_and_budget():
-    from quantkit.alloc.baq import THETA, column_levels
+    from quantkit.quant.levels import THETA, column_levels
     from quantkit.formats.packed import levels_storage_bits
     g = torch.Generator().manual_seed(0)
     loss = torch.rand(300, generator=g, dtype=torch.float64) ** 4 * 100

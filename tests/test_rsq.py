@@ -9,7 +9,8 @@ import quantkit
 from cli import main
 from quantkit.errors import QuantkitError
 from quantkit.model.discovery import find_blocks
-from quantkit.model.runner import capture_inputs, collect_hessians, input_groups
+from quantkit.model.runner import capture_inputs, input_groups
+from quantkit.stats.hessian import collect_hessians
 from quantkit.pipeline import compress_model, run
 from quantkit.quant.base import QSpec
 from quantkit.quant.gptq import gptq

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.base import QSpec
+from quantkit.types import QSpec
 
 
 @dataclass

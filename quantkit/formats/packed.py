@@ -157,8 +157,3 @@ def _dequantize_levels(p: PackedLinear) -> Tensor:
     ratio = torch.where(levels > 1, maxq / (levels - 1).clamp(min=1).float(), 0.0)
     W = (q * ratio - zeros[:, g_idx]) * scales[:, g_idx]
     return torch.where(levels > 1, W, torch.zeros_like(W))
-
-
-# Formats defined in their own modules register on import; importing them here means every
-# checkpoint that names them can be read.
-from quantkit.formats import llm_int8, lut, sparse  # noqa: E402,F401

@@ -26,7 +26,12 @@ from torch import Tensor
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear, n_groups, register_format
 from quantkit.formats.packing import pack, unpack
-from quantkit.prune.mask import is_nm
+
+
+def is_nm(mask: Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of m consecutive input columns holds exactly n kept weights."""
+    out_f, in_f = mask.shape
+    return in_f % m == 0 and bool((mask.reshape(out_f, in_f // m, m).sum(-1) == n).all())
 
 
 def index_bits(m: int) -> int:

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantkit.model.discovery import find_blocks, linears, weight_matrix
-from quantkit.stats.hessian import HessianAccumulator
 
 
 class _Stop(Exception):
@@ -117,7 +116,7 @@ def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
     return list(groups.values())
 
 
-def _hook_leads(block: nn.Module, groups: list[list[str]], fn, stop_early: bool) -> list:
+def hook_leads(block: nn.Module, groups: list[list[str]], fn, stop_early: bool) -> list:
     """Call fn(lead_name, input) before each group's first linear; optionally stop after the last."""
     mods = linears(block)
     handles = [mods[g[0]].register_forward_pre_hook(lambda _m, args, n=g[0]: fn(n, args[0]))
@@ -140,7 +139,7 @@ def submodule_inputs(block: nn.Module, inputs: BlockInputs, i: int, sub: nn.Modu
 
     handle = sub.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        _run_until_stop(block, inputs, i)
+        run_until_stop(block, inputs, i)
     finally:
         handle.remove()
     if "call" not in got:
@@ -148,45 +147,8 @@ def submodule_inputs(block: nn.Module, inputs: BlockInputs, i: int, sub: nn.Modu
     return got["call"]
 
 
-def _run_until_stop(block: nn.Module, inputs: BlockInputs, i: int) -> None:
+def run_until_stop(block: nn.Module, inputs: BlockInputs, i: int) -> None:
     try:
         _run(block, inputs, i)
     except _Stop:
         pass
-
-
-@torch.no_grad()
-def collect_hessians(block: nn.Module, inputs: BlockInputs, groups: list[list[str]],
-                     reference: tuple[nn.Module, BlockInputs] | None = None,
-                     stop_early: bool = True, token_weights: list[Tensor] | None = None
-                     ) -> dict[str, HessianAccumulator]:
-    """One Hessian per input group (keyed by its first linear), over all batches.
-
-    With `reference` = (unquantized block, its inputs in the unquantized model), the same
-    tokens' full-precision layer inputs are accumulated against the actual ones too.
-    With `stop_early`, each forward ends after the last group's inputs are seen.
-    token_weights: per batch a [batch, seq] tensor weighting each token (RSQ), same for all groups.
-    """
-    mods = linears(block)
-    accs = {g[0]: HessianAccumulator(weight_matrix(mods[g[0]]).shape[1], inputs.hidden[0].device)
-            for g in groups}
-    ref_x: dict[str, Tensor] = {}
-    batch = [0]   # index of the batch being run, for the hooks
-
-    def add(n: str, x: Tensor) -> None:
-        w = None if token_weights is None else token_weights[batch[0]]
-        accs[n].add(x, token_weight=w, x_ref=ref_x.pop(n, None))
-
-    handles = _hook_leads(block, groups, add, stop_early)
-    if reference is not None:
-        handles += _hook_leads(reference[0], groups, ref_x.__setitem__, stop_early)
-    try:
-        for i in range(len(inputs.hidden)):
-            batch[0] = i
-            if reference is not None:
-                _run_until_stop(reference[0], reference[1], i)
-            _run_until_stop(block, inputs, i)
-    finally:
-        for h in handles:
-            h.remove()
-    return accs

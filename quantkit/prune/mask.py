@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.sparse import is_nm  # noqa: F401  (the format checks it; re-exported)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -32,9 +33,3 @@ def nm_mask(scores: Tensor, n: int = 2, m: int = 4) -> Tensor:
     keep = torch.topk(groups, n, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.reshape(out_f, in_f)
-
-
-def is_nm(mask: Tensor, n: int = 2, m: int = 4) -> bool:
-    """True when every group of m consecutive input columns holds exactly n kept weights."""
-    out_f, in_f = mask.shape
-    return in_f % m == 0 and bool((mask.reshape(out_f, in_f // m, m).sum(-1) == n).all())

@@ -1,47 +1,14 @@
-"""What a compressor sees (LayerStats), how it quantizes (QSpec), and group-wise grids."""
+"""Helpers every compressor shares: group-wise grids, the proxy loss, fp_target, storage floors
+(the types themselves, LayerStats and QSpec, live in quantkit/types.py)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from quantkit.formats.packed import PackedLinear, int_storage_bits, n_groups
 from quantkit.quant.grid import fit_grid
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-@dataclass
-class LayerStats:
-    """What a compressor may know about one linear layer's inputs."""
-    H: Tensor                       # [in, in] mean of x xᵀ over tokens (fp32)
-    n: int                          # tokens seen
-    act_absmax: Tensor | None = None
-    cross: Tensor | None = None     # [in, in] mean of x_fp xᵀ: inputs of the unquantized model
-
-
-@dataclass(frozen=True)
-class QSpec:
-    """How to quantize one layer. group_size -1 means one group per output row."""
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    act_order: bool = True
-    static_groups: bool = True      # with act-order: groups fixed on the original column order
-    mse: bool = True                # shrink-search the grid range instead of plain min-max
-    damp: float = 0.01              # GPTQ: fraction of mean(diag H) added to the diagonal
-
-    def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.group_size == 0 or self.group_size < -1:
-            raise ValueError(f"group_size must be -1 or positive, got {self.group_size}")
-
-
-class Compressor(Protocol):
-    def __call__(self, W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear: ...
+from quantkit.stats.hessian import proxy_loss  # noqa: F401  (re-exported)
+from quantkit.types import SUPPORTED_BITS, Compressor, LayerStats, QSpec  # noqa: F401  (re-exported)
 
 
 def storage_floor(compressor, out_f: int, in_f: int, spec: QSpec) -> int:
@@ -70,11 +37,6 @@ def fit_groups(W: Tensor, spec: QSpec, weight: Tensor | None = None) -> tuple[Te
         scales.append(s)
         zeros.append(z)
     return torch.stack(scales, 1), torch.stack(zeros, 1)
-
-
-def proxy_loss(E: Tensor, H: Tensor) -> float:
-    """tr(E H Eᵀ): the layer's output error on the calibration inputs (H = mean x xᵀ)."""
-    return float(((E @ H) * E).sum())
 
 
 def fp_target_weight(W: Tensor, stats: LayerStats, damp: float = 0.01) -> Tensor:

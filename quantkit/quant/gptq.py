@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.alloc.baq import column_levels
 from quantkit.formats.packed import PackedLinear, make_int, make_levels, n_groups
 from quantkit.formats.packing import words_per_row
 from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width, proxy_loss
 from quantkit.quant.grid import fit_grid
+from quantkit.quant.levels import column_levels
 from quantkit.registry import register
 
 

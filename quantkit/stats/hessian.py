@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from quantkit.quant.base import LayerStats
+from quantkit.model.discovery import linears, weight_matrix
+from quantkit.model.runner import BlockInputs, hook_leads, run_until_stop
+from quantkit.types import LayerStats
+
+
+def proxy_loss(E: Tensor, H: Tensor) -> float:
+    """tr(E H Eᵀ): the layer's output error on the calibration inputs (H = mean x xᵀ)."""
+    return float(((E @ H) * E).sum())
 
 
 class HessianAccumulator:
@@ -52,3 +59,40 @@ class HessianAccumulator:
             raise RuntimeError("no calibration tokens reached this layer")
         cross = None if self.cross is None else self.cross / self.weight
         return LayerStats(H=self.sum / self.weight, n=self.n, act_absmax=self.absmax, cross=cross)
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, inputs: BlockInputs, groups: list[list[str]],
+                     reference: tuple[nn.Module, BlockInputs] | None = None,
+                     stop_early: bool = True, token_weights: list[Tensor] | None = None
+                     ) -> dict[str, HessianAccumulator]:
+    """One Hessian per input group (keyed by its first linear), over all batches.
+
+    With `reference` = (unquantized block, its inputs in the unquantized model), the same
+    tokens' full-precision layer inputs are accumulated against the actual ones too.
+    With `stop_early`, each forward ends after the last group's inputs are seen.
+    token_weights: per batch a [batch, seq] tensor weighting each token (RSQ), same for all groups.
+    """
+    mods = linears(block)
+    accs = {g[0]: HessianAccumulator(weight_matrix(mods[g[0]]).shape[1], inputs.hidden[0].device)
+            for g in groups}
+    ref_x: dict[str, Tensor] = {}
+    batch = [0]   # index of the batch being run, for the hooks
+
+    def add(n: str, x: Tensor) -> None:
+        w = None if token_weights is None else token_weights[batch[0]]
+        accs[n].add(x, token_weight=w, x_ref=ref_x.pop(n, None))
+
+    handles = hook_leads(block, groups, add, stop_early)
+    if reference is not None:
+        handles += hook_leads(reference[0], groups, ref_x.__setitem__, stop_early)
+    try:
+        for i in range(len(inputs.hidden)):
+            batch[0] = i
+            if reference is not None:
+                run_until_stop(reference[0], reference[1], i)
+            run_until_stop(block, inputs, i)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs

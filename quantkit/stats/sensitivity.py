@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from quantkit.alloc.table import CostTable
 from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
-from quantkit.model.runner import collect_hessians, input_groups, walk_blocks
-from quantkit.quant.base import QSpec, proxy_loss
+from quantkit.model.runner import input_groups, walk_blocks
+from quantkit.stats.hessian import collect_hessians, proxy_loss
+from quantkit.types import QSpec
 
 
 def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
