@@ -1,4 +1,9 @@
-"""run(recipe): load -> calibration -> statistics -> allocation -> compress block by block -> save."""
+"""run(recipe): load -> calibrate -> plan (allocation) -> compress block by block -> save.
+
+The pipeline names no method, allocator or sensitivity: each registers itself (quantkit.registry)
+with the hooks it needs (options bound from the recipe, early checks, model preparation before
+calibration, token weights), and the pipeline calls those.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,39 +14,34 @@ import pkgutil
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+import quantkit.alloc
+import quantkit.prune
+import quantkit.quant
+import quantkit.stats
 from quantkit import registry
+from quantkit.alloc.table import CostTable, check_budget, tie
 from quantkit.calib.text import calibration_batches, user_calibration
 from quantkit.errors import QuantkitError
-from quantkit.alloc.table import CostTable, check_budget, tie
 from quantkit.formats.io import save_checkpoint
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import layer_shapes, load_model
-from quantkit.prune.mask import parse_pattern
 from quantkit.model.runner import forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
-from quantkit.quant.rotation import rotate_model
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
-from quantkit.stats.hessian import HessianAccumulator, collect_hessians
-from quantkit.stats.hutchinson import loss_hessian_traces
-from quantkit.stats.importance import TokenWeights, token_weighting
-from quantkit.stats.sensitivity import (cost_table, fisher_price, hessian_price, kl_table,
-                                        output_fisher, trace_price)
+from quantkit.stats import collect_hessians
+from quantkit.stats.importance import TokenWeights
 from quantkit.version import __version__
 
-import quantkit.alloc
-import quantkit.prune
-import quantkit.quant
-
-for _pkg in (quantkit.alloc, quantkit.prune, quantkit.quant):   # every allocator and compressor registers itself
+for _pkg in (quantkit.alloc, quantkit.prune, quantkit.quant, quantkit.stats):   # every method registers itself
     for _mod in pkgutil.iter_modules(_pkg.__path__):
         importlib.import_module(f"{_pkg.__name__}.{_mod.name}")
 
@@ -87,6 +87,131 @@ class Report:
         return self
 
 
+@dataclass
+class Loaded:
+    """The model ready for calibration: seeded, prepared (e.g. rotated), placed."""
+    model: nn.Module
+    tokenizer: Any
+    source: str                       # where the model came from (path, hub id, or a description)
+    batches: list[torch.Tensor] | None   # calibration token windows, when the run needs data
+    layer_names: list[str]            # every block linear, in block order
+    device: torch.device
+
+
+def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
+        model: nn.Module | None = None, tokenizer=None, calib=None) -> Report:
+    """Quantize recipe.model (or `model`, in place) as the recipe says; save to recipe.out when
+    given.
+
+    table: the cost table of this recipe built earlier (sensitivity_table), to compare
+    allocators or budgets without rebuilding it. calib: calibration text (a string or a list of
+    them, drawn into the recipe's windows) or token ids [n, seqlen] (used as they are) instead
+    of the recipe's calibration dataset.
+    """
+    t0 = time.time()
+    _check(recipe, model)
+    compressor, hooks = method(recipe)
+    m = _load(recipe, _needs_table(recipe) or getattr(compressor, "needs_stats", True), model,
+              tokenizer, calib)
+    plan, table = _plan(recipe, m, compressor, table, progress)
+    packed, info = compress_model(m.model, m.batches, plan, compressor, m.device,
+                                  recipe.true_sequential, recipe.fp_target, progress,
+                                  token_weights=hooks.token_weights(recipe) if hooks.token_weights else None)
+    m.model.to("cpu")
+    n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
+    bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
+    report = Report(method=recipe.method if recipe.prune is None else f"{recipe.prune} {recipe.pattern}"
+                    + ("" if recipe.bits == 16 else f" + {recipe.method}"), out=None, seconds=0.0, bits_per_weight=bpw,
+                    size_bytes=0, original_size_bytes=_param_bytes(m.model), n_layers=len(packed),
+                    layers=info, model=m.model, tokenizer=m.tokenizer, packed=packed, table=table,
+                    recipe=recipe, source=m.source)
+    if recipe.out:
+        report.seconds = time.time() - t0
+        report.save(recipe.out)
+    report.seconds = time.time() - t0
+    return report
+
+
+def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
+    """The cost table a mixed-precision run of this recipe would build (to reuse via run(table=))."""
+    _check(recipe)
+    m = _load(recipe, True)
+    return _recipe_table(recipe, m, method(recipe)[0], progress)
+
+
+# --- checks: everything that needs no calibration, before anything is loaded ---------------
+
+def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
+    """Every check that needs no calibration, before anything is loaded (`model`: the
+    in-memory model the run was given, whose shapes the budget check reads)."""
+    mixed = _needs_table(recipe)
+    if recipe.report and not mixed:
+        raise QuantkitError("--report describes a bit allocation: use it with --alloc "
+                            + " | ".join(_table_allocators()))
+    if mixed:
+        registry.get("sensitivity", recipe.sensitivity)
+    _, hooks = method(recipe)
+    if hooks.check:
+        hooks.check(recipe)
+    if recipe.prune is not None:
+        _prune_spec(recipe)                      # a bad --bits / --group-size fails before loading
+    elif mixed:
+        _check_budget(recipe, [option_spec(recipe, option) for option in recipe.bit_options], model)
+    else:
+        base_spec(recipe)
+
+
+def _check_budget(recipe: Recipe, options: list[QSpec], model: nn.Module | None) -> None:
+    """The budget against the option sizes on the layer shapes (from the config: no weights, no
+    calibration). Sizes are each compressor's floor (no g_idx, no outlier columns), so a budget
+    below their smallest sum can never be met; the cost table checks the exact sizes later."""
+    compressor = registry.get("compressor", recipe.method)
+    shapes = list(layer_shapes(recipe.model if model is None else model).values())
+    n = sum(o * i for o, i in shapes)
+    sizes = [[storage_floor(compressor, o, i, s) for s in options] for o, i in shapes]
+    check_budget(recipe.bits, sum(map(min, sizes)) / n, sum(map(max, sizes)) / n)
+
+
+def _needs_table(recipe: Recipe) -> bool:
+    return getattr(registry.get("allocator", recipe.alloc), "needs_table", True)
+
+
+def _table_allocators() -> list[str]:
+    return [n for n in registry.names("allocator") if getattr(registry.get("allocator", n), "needs_table", True)]
+
+
+# --- load ------------------------------------------------------------------------------------
+
+def _load(recipe: Recipe, need_data: bool, model: nn.Module | None = None, tokenizer=None,
+          calib=None) -> Loaded:
+    """Load recipe.model (or take `model`), prepare it, draw the calibration windows."""
+    seed_everything(recipe.seed)
+    device = check_device(recipe.device)
+    if model is None:
+        model, loaded_tokenizer, source = load_model(recipe.model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    else:
+        find_blocks(model)                                  # unsupported architectures fail here
+        model.eval()
+        source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    _, hooks = method(recipe)
+    if hooks.prepare:
+        hooks.prepare(model, recipe)             # before calibration: every statistic sees it
+    prefix, blocks = find_blocks(model)
+    layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
+    batches = None
+    if need_data:
+        c = recipe.calib
+        if calib is None:
+            batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
+                                          c.batch_size)
+        else:
+            batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
+                                       c.batch_size)
+    _place_outside_blocks(model, blocks, device)
+    return Loaded(model, tokenizer, source, batches, layer_names, device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -102,11 +227,40 @@ def check_device(device: str) -> torch.device:
         raise QuantkitError(f"--device {device!r}: {e}") from e
 
 
+def _place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Embeddings, norms and heads go to the device; blocks stay put until their turn."""
+    if device.type == "cpu":
+        return
+    keep = {id(p) for p in blocks.parameters()}
+    for m in model.modules():
+        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if id(p) not in keep:
+                p.data = p.data.to(device)
+
+
+# --- plan: which QSpec each linear gets ---------------------------------------------------------
+
+def _plan(recipe: Recipe, m: Loaded, compressor, table: CostTable | None,
+          progress: bool) -> tuple[dict[str, QSpec | None], CostTable | None]:
+    """The QSpec of every linear (None: keep the kept weights of a pruned layer in fp16), and
+    the cost table it was allocated from (mixed precision)."""
+    if not _needs_table(recipe):
+        spec = _prune_spec(recipe) if recipe.prune is not None else base_spec(recipe)
+        return {name: spec for name in m.layer_names}, table
+    if table is None:
+        table = _recipe_table(recipe, m, compressor, progress)
+    choice = allocate(recipe, table)
+    if recipe.report:
+        write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
+    return table.as_plan(choice), table
+
+
 def base_spec(recipe: Recipe, bits: float | None = None) -> QSpec:
+    """The recipe's QSpec at `bits` (default: recipe.bits, which must then be a width)."""
     bits = recipe.bits if bits is None else bits
     if bits != int(bits):
         raise QuantkitError(f"--bits {bits}: a fractional budget needs a mixed-precision "
-                            "allocator (--alloc ip | baq | pareto)")
+                            f"allocator (--alloc {' | '.join(_table_allocators())})")
     try:
         return QSpec(bits=int(bits), group_size=recipe.group_size, sym=recipe.sym,
                      act_order=recipe.act_order, static_groups=recipe.static_groups,
@@ -126,24 +280,49 @@ def option_spec(recipe: Recipe, option: int | str) -> QSpec:
                             "like 4:64") from e
 
 
-def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec | None,
-              packed: dict, info: dict) -> None:
-    t0 = time.time()
-    W = weight_matrix(mod).detach().float()
-    if stats is not None:
-        W = fp_target_weight(W, stats, QSpec().damp if spec is None else spec.damp)
-    p = compressor(W, stats, spec)
-    seconds = time.time() - t0
-    if getattr(mod, "input_hadamard", None):     # run-time transform of the input (RSQ): part of the layer
-        p.meta["input_hadamard"] = mod.input_hadamard
-    Q = p.dequantize()
-    entry = {"bits": p.meta.get("bits", 16), "group_size": p.meta.get("group_size", -1),
-             "bpw": p.bits_per_weight, "seconds": seconds}
-    if stats is not None:
-        entry["proxy_loss"] = proxy_loss(W - Q, stats.H)
-    set_weight_matrix(mod, Q)
-    packed[name] = p
-    info[name] = entry
+def _prune_spec(recipe: Recipe) -> QSpec | None:
+    """None keeps the kept weights in fp16 (--bits 16, `quantkit prune`); the pruners turn
+    act-order off themselves (N:M groups are consecutive input columns)."""
+    return None if recipe.bits == 16 else base_spec(recipe)
+
+
+def _recipe_table(recipe: Recipe, m: Loaded, compressor, progress: bool) -> CostTable:
+    """The recipe's sensitivity over its bit options, on the first calib.table_samples windows."""
+    options = [option_spec(recipe, b) for b in recipe.bit_options]
+    build = registry.get("sensitivity", recipe.sensitivity)
+    return build(m.model, first_samples(m.batches, recipe.calib.table_samples), m.layer_names,
+                 options, compressor, m.device, progress)
+
+
+def first_samples(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first n calibration windows, as batches."""
+    out, k = [], 0
+    for b in batches:
+        if k >= n:
+            break
+        out.append(b[:n - k])
+        k += len(out[-1])
+    return out
+
+
+def allocate(recipe: Recipe, table: CostTable):
+    """The option index per layer that the recipe's allocator picks for its budget."""
+    table.check_feasible(recipe.bits)
+    allocator = registry.get("allocator", recipe.alloc)
+    if not recipe.tie_fused:
+        return allocator(table, recipe.bits)
+    tied, rows = tie(table, fused_groups(table.layers))   # q/k/v and gate/up get one width
+    return allocator(tied, recipe.bits)[rows]
+
+
+# --- compress, block by block -----------------------------------------------------------------
+
+def method(recipe: Recipe):
+    """(the recipe's compressor or pruner with its recipe options bound, its registry hooks)."""
+    kind, name = ("compressor", recipe.method) if recipe.prune is None else ("pruner", recipe.prune)
+    fn, hooks = registry.get(kind, name), registry.hooks(kind, name)
+    options = hooks.options(recipe) if hooks.options else {}
+    return (functools.partial(fn, **options) if options else fn), hooks
 
 
 def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],
@@ -155,8 +334,9 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
 
     fp_target: aim each layer at the unquantized model's outputs (see fp_target_weight), at
     the cost of running an unquantized copy of each block beside it.
-    token_weights: per block, weights of the calibration tokens in its Hessians (RSQ); computed
-    once on the block's inputs before any of its linears is quantized. With fp_target the
+    token_weights: per block, weights of the calibration tokens in its Hessians (a method's
+    token_weights hook); computed once on the block's inputs before any of its linears is
+    quantized. With fp_target the
     cross term gets the same weights, so the target stays the weighted least-squares one.
     """
     packed, info = {}, {}
@@ -177,7 +357,7 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
         stages = [[g] for g in groups] if true_sequential else [groups]
         weights = token_weights(block, inputs) if token_weights is not None and groups else None
         for stage in stages:
-            accs: dict[str, HessianAccumulator] = collect_hessians(
+            accs = collect_hessians(
                 block, inputs, stage, None if ref is None else (ref, inputs_fp),
                 token_weights=weights)
             for g in stage:
@@ -189,40 +369,27 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     return packed, info
 
 
-SENSITIVITIES = ("hessian", "fisher", "trace", "kl")
+def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec | None,
+              packed: dict, info: dict) -> None:
+    t0 = time.time()
+    W = weight_matrix(mod).detach().float()
+    if stats is not None:
+        W = fp_target_weight(W, stats, QSpec().damp if spec is None else spec.damp)
+    p = compressor(W, stats, spec)
+    seconds = time.time() - t0
+    if getattr(mod, "input_hadamard", None):     # run-time transform of the input (a rotation): part of the layer
+        p = replace(p, meta={**p.meta, "input_hadamard": mod.input_hadamard})
+    Q = p.dequantize()
+    entry = {"bits": p.meta.get("bits", 16), "group_size": p.meta.get("group_size", -1),
+             "bpw": p.bits_per_weight, "seconds": seconds}
+    if stats is not None:
+        entry["proxy_loss"] = proxy_loss(W - Q, stats.H)
+    set_weight_matrix(mod, Q)
+    packed[name] = p
+    info[name] = entry
 
 
-def build_table(model: nn.Module, batches: list[torch.Tensor], layer_names: list[str],
-                options: list[QSpec], sensitivity: str, compressor, device: torch.device,
-                progress: bool):
-    """The cost table for the allocators: every layer quantized at every option, priced.
-
-    Layers are quantized by the run's own compressor on the unquantized model's statistics, so
-    the table prices the errors that compressor will make (GPTQ's fall much faster with bits
-    than RTN's). `kl` quantizes with RTN: it needs no per-layer statistics.
-    """
-    if sensitivity == "kl":
-        rtn = registry.get("compressor", "rtn")
-        return kl_table(model, batches[0][:4].to(device), layer_names, options, rtn, progress)
-    price = hessian_price
-    if sensitivity == "fisher":
-        small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
-        price = fisher_price(output_fisher(model, small, layer_names))
-    elif sensitivity == "trace":
-        price = trace_price(loss_hessian_traces(model, batches[0][:1], layer_names))
-    return cost_table(model, batches, options, compressor, device, price, progress)
-
-
-def first_samples(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
-    """The first n calibration windows, as batches."""
-    out, k = [], 0
-    for b in batches:
-        if k >= n:
-            break
-        out.append(b[:n - k])
-        k += len(out[-1])
-    return out
-
+# --- save ---------------------------------------------------------------------------------------
 
 def _param_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
@@ -231,193 +398,6 @@ def _param_bytes(model: nn.Module) -> int:
             seen.add(p.data_ptr())
             total += p.numel() * 4
     return total
-
-
-def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
-    """Every check that needs no calibration, before anything is loaded (`model`: the
-    in-memory model the run was given, whose shapes the budget check reads)."""
-    mixed = recipe.alloc != "uniform"
-    if mixed and recipe.alloc not in registry.names("allocator"):
-        raise QuantkitError(f"unknown allocator {recipe.alloc!r}; choose one of: uniform, "
-                            f"{', '.join(registry.names('allocator'))}")
-    if recipe.report and not mixed:
-        raise QuantkitError("--report describes a bit allocation: use it with --alloc ip | baq | pareto")
-    if recipe.sensitivity not in SENSITIVITIES:
-        raise QuantkitError(f"unknown sensitivity {recipe.sensitivity!r}; choose one of: "
-                            f"{', '.join(SENSITIVITIES)}")
-    if recipe.prune is not None:
-        _check_prune(recipe)
-    elif mixed:                                     # bad specs and budgets fail before loading
-        _check_budget(recipe, [option_spec(recipe, option) for option in recipe.bit_options], model)
-    else:
-        base_spec(recipe)
-    _token_weights(recipe)
-
-
-def _check_budget(recipe: Recipe, options: list[QSpec], model: nn.Module | None) -> None:
-    """The budget against the option sizes on the layer shapes (from the config: no weights, no
-    calibration). Sizes are each compressor's floor (no g_idx, no outlier columns), so a budget
-    below their smallest sum can never be met; the cost table checks the exact sizes later."""
-    compressor = registry.get("compressor", recipe.method)
-    shapes = list(layer_shapes(recipe.model if model is None else model).values())
-    n = sum(o * i for o, i in shapes)
-    sizes = [[storage_floor(compressor, o, i, s) for s in options] for o, i in shapes]
-    check_budget(recipe.bits, sum(map(min, sizes)) / n, sum(map(max, sizes)) / n)
-
-
-def _check_prune(recipe: Recipe) -> None:
-    registry.get("pruner", recipe.prune)
-    parse_pattern(recipe.pattern)
-    if recipe.alloc != "uniform":
-        raise QuantkitError("--prune with mixed precision (--alloc) is not supported: prune with one --bits")
-    if recipe.method != "gptq":
-        raise QuantkitError(f"--prune {recipe.prune} --method {recipe.method}: the kept weights of a "
-                            "pruned model are quantized by GPTQ with the mask fixed; use --method gptq")
-    _prune_spec(recipe)                          # a bad --bits / --group-size fails before loading
-
-
-def _prune_spec(recipe: Recipe) -> QSpec | None:
-    """None keeps the kept weights in fp16 (--bits 16, `quantkit prune`); the pruners turn
-    act-order off themselves (N:M groups are consecutive input columns)."""
-    return None if recipe.bits == 16 else base_spec(recipe)
-
-
-def _token_weights(recipe: Recipe) -> TokenWeights | None:
-    """RSQ's token weighting from the recipe's rsq section (None for other methods)."""
-    if recipe.method != "rsq":
-        return None
-    c = recipe.rsq
-    return token_weighting(c.importance, c.r_min, c.r_max, c.first_n)
-
-
-@dataclass
-class Loaded:
-    """The model ready for calibration: seeded, prepared (e.g. rotated), placed."""
-    model: nn.Module
-    tokenizer: Any
-    source: str                       # where the model came from (path, hub id, or a description)
-    batches: list[torch.Tensor] | None   # calibration token windows, when the run needs data
-    layer_names: list[str]            # every block linear, in block order
-    device: torch.device
-
-
-def _load(recipe: Recipe, need_data: bool, model: nn.Module | None = None, tokenizer=None,
-          calib=None) -> Loaded:
-    """Load recipe.model (or take `model`), prepare it, draw the calibration windows."""
-    seed_everything(recipe.seed)
-    device = check_device(recipe.device)
-    if model is None:
-        model, loaded_tokenizer, source = load_model(recipe.model)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    else:
-        find_blocks(model)                                  # unsupported architectures fail here
-        model.eval()
-        source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    if recipe.method == "rsq" and recipe.rsq.rotate:
-        rotate_model(model, recipe.rsq.seed, recipe.rsq.online_hadamard)    # before calibration: every statistic is of the rotated model
-    prefix, blocks = find_blocks(model)
-    layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
-    batches = None
-    if need_data:
-        c = recipe.calib
-        if calib is None:
-            batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
-                                          c.batch_size)
-        else:
-            batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
-                                       c.batch_size)
-    _place_outside_blocks(model, blocks, device)
-    return Loaded(model, tokenizer, source, batches, layer_names, device)
-
-
-def _compressor(recipe: Recipe):
-    """The recipe's compressor, with its method-specific recipe options bound."""
-    if recipe.prune is not None:
-        n, m = parse_pattern(recipe.pattern)
-        opts = {} if recipe.prune != "armor" else asdict(recipe.armor)
-        return functools.partial(registry.get("pruner", recipe.prune), n=n, m=m, **opts)
-    compressor = registry.get("compressor", recipe.method)
-    if recipe.method == "llm-int8":
-        return functools.partial(compressor, threshold=recipe.llm_int8_threshold)
-    return compressor
-
-
-def _recipe_table(recipe: Recipe, model: nn.Module, batches: list[torch.Tensor], names: list[str],
-                  device: torch.device, progress: bool) -> CostTable:
-    options = [option_spec(recipe, b) for b in recipe.bit_options]
-    return build_table(model, first_samples(batches, recipe.calib.table_samples), names, options,
-                       recipe.sensitivity, _compressor(recipe), device, progress)
-
-
-def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
-    """The cost table a mixed-precision run of this recipe would build (to reuse via run(table=))."""
-    _check(recipe)
-    m = _load(recipe, True)
-    return _recipe_table(recipe, m.model, m.batches, m.layer_names, m.device, progress)
-
-
-def allocate(recipe: Recipe, table: CostTable):
-    """The option index per layer that the recipe's allocator picks for its budget."""
-    table.check_feasible(recipe.bits)
-    allocator = registry.get("allocator", recipe.alloc)
-    if not recipe.tie_fused:
-        return allocator(table, recipe.bits)
-    tied, rows = tie(table, fused_groups(table.layers))   # q/k/v and gate/up get one width
-    return allocator(tied, recipe.bits)[rows]
-
-
-def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
-        model: nn.Module | None = None, tokenizer=None, calib=None) -> Report:
-    """Quantize recipe.model (or `model`, in place) as the recipe says; save to recipe.out when
-    given.
-
-    table: the cost table of this recipe built earlier (sensitivity_table), to compare
-    allocators or budgets without rebuilding it. calib: calibration text (a string or a list of
-    them, drawn into the recipe's windows) or token ids [n, seqlen] (used as they are) instead
-    of the recipe's calibration dataset.
-    """
-    t0 = time.time()
-    _check(recipe, model)
-    compressor = _compressor(recipe)
-    mixed = recipe.alloc != "uniform"
-    m = _load(recipe, mixed or getattr(compressor, "needs_stats", True), model, tokenizer, calib)
-    if mixed:
-        if table is None:
-            table = _recipe_table(recipe, m.model, m.batches, m.layer_names, m.device, progress)
-        choice = allocate(recipe, table)
-        plan = table.as_plan(choice)
-        if recipe.report:
-            write_report(recipe.report, table, choice, recipe.bits, recipe.alloc, recipe.sensitivity)
-    else:
-        spec = _prune_spec(recipe) if recipe.prune is not None else base_spec(recipe)
-        plan = {name: spec for name in m.layer_names}
-    packed, info = compress_model(m.model, m.batches, plan, compressor, m.device,
-                                  recipe.true_sequential, recipe.fp_target, progress,
-                                  token_weights=_token_weights(recipe))
-    m.model.to("cpu")
-    n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
-    bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
-    report = Report(method=recipe.method if recipe.prune is None else f"{recipe.prune} {recipe.pattern}"
-                    + ("" if recipe.bits == 16 else f" + {recipe.method}"), out=None, seconds=0.0, bits_per_weight=bpw,
-                    size_bytes=0, original_size_bytes=_param_bytes(m.model), n_layers=len(packed),
-                    layers=info, model=m.model, tokenizer=m.tokenizer, packed=packed, table=table,
-                    recipe=recipe, source=m.source)
-    if recipe.out:
-        report.seconds = time.time() - t0
-        report.save(recipe.out)
-    report.seconds = time.time() - t0
-    return report
-
-
-def _place_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Embeddings, norms and heads go to the device; blocks stay put until their turn."""
-    if device.type == "cpu":
-        return
-    keep = {id(p) for p in blocks.parameters()}
-    for m in model.modules():
-        for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if id(p) not in keep:
-                p.data = p.data.to(device)
 
 
 def _provenance(recipe: Recipe, report: Report) -> dict:

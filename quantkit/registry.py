@@ -1,17 +1,36 @@
-"""One registry: (kind, name) -> implementation, used by recipes and the CLI."""
+"""One registry: (kind, name) -> implementation and its hooks, used by recipes and the CLI.
+
+A method brings what the pipeline needs to run it as hooks (all optional), so that the
+pipeline names no method: `options(recipe) -> dict` (keyword options bound to the call, e.g.
+from its recipe section), `check(recipe)` (raises QuantkitError before anything is loaded),
+`prepare(model, recipe)` (changes the model before calibration: RSQ's rotation) and
+`token_weights(recipe)` (per-block calibration token weights for the Hessians, or None).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from quantkit.errors import QuantkitError
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
+_HOOKS: dict[tuple[str, str], "Hooks"] = {}
 
 
-def register(kind: str, name: str) -> Callable[[Any], Any]:
-    """Decorator: make `obj` available as `name` among the `kind`s (compressor, allocator...)."""
+@dataclass(frozen=True)
+class Hooks:
+    options: Callable[[Any], dict] | None = None
+    check: Callable[[Any], None] | None = None
+    prepare: Callable[[Any, Any], None] | None = None
+    token_weights: Callable[[Any], Any] | None = None
+
+
+def register(kind: str, name: str, **hooks: Callable) -> Callable[[Any], Any]:
+    """Decorator: make `obj` available as `name` among the `kind`s (compressor, allocator...),
+    with its Hooks."""
     def deco(obj: Any) -> Any:
         _REGISTRY.setdefault(kind, {})[name] = obj
+        _HOOKS[(kind, name)] = Hooks(**hooks)
         return obj
     return deco
 
@@ -27,3 +46,9 @@ def get(kind: str, name: str) -> Any:
         return _REGISTRY[kind][name]
     except KeyError:
         raise QuantkitError(f"unknown {kind} {name!r}; choose one of: {', '.join(names(kind))}") from None
+
+
+def hooks(kind: str, name: str) -> Hooks:
+    """The hooks `name` registered with (checked to exist, like get)."""
+    get(kind, name)
+    return _HOOKS[(kind, name)]

@@ -6,7 +6,7 @@ mask held fixed (error feedback through the kept weights only; RTN when there is
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
 from quantkit.formats.sparse import block_diag_apply, make_sparse, make_sparse_int
 from quantkit.prune.armor import armor_factorize
-from quantkit.prune.mask import check_width, nm_mask
+from quantkit.prune.mask import check_width, nm_mask, parse_pattern
 from quantkit.quant.base import LayerStats, QSpec, proxy_loss
 from quantkit.quant.gptq import gptq_codes
 from quantkit.registry import register
@@ -50,13 +50,31 @@ def _pack(W: Tensor, keep: Tensor, H: Tensor, spec: QSpec | None, n: int, m: int
                            spec.group_size, n, m, pre=pre, post=post)
 
 
-@register("pruner", "magnitude")
+def _check(recipe) -> None:
+    """What every pruner needs of the recipe (checked before anything is loaded)."""
+    parse_pattern(recipe.pattern)
+    if recipe.alloc != "uniform":
+        raise QuantkitError("--prune with mixed precision (--alloc) is not supported: prune with one --bits")
+    if recipe.method != "gptq":
+        raise QuantkitError(f"--prune {recipe.prune} --method {recipe.method}: the kept weights of a "
+                            "pruned model are quantized by GPTQ with the mask fixed; use --method gptq")
+
+
+def _pattern(recipe) -> dict:
+    n, m = parse_pattern(recipe.pattern)
+    return {"n": n, "m": m}
+
+
+PRUNER = {"check": _check, "options": _pattern}
+
+
+@register("pruner", "magnitude", **PRUNER)
 def magnitude(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m: int = 4) -> PackedLinear:
     """Keep the n largest |w| of every m: no data, no weight update."""
     return _pack(W, nm_mask(W.abs(), n, m), _hessian(W, stats), spec, n, m)
 
 
-@register("pruner", "wanda")
+@register("pruner", "wanda", **PRUNER)
 def wanda(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m: int = 4) -> PackedLinear:
     """Wanda (Sun et al.): keep the n largest |w_ij|·‖x_j‖₂ of every m; no weight update."""
     if stats is None:
@@ -64,7 +82,7 @@ def wanda(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m
     return _pack(W, nm_mask(W.abs() * stats.H.diagonal().sqrt(), n, m), stats.H, spec, n, m)
 
 
-@register("pruner", "sparsegpt")
+@register("pruner", "sparsegpt", **PRUNER)
 def sparsegpt(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m: int = 4) -> PackedLinear:
     """SparseGPT: masks chosen group by group on the OBS score, pruning error fed back (GPTQ's loop)."""
     if stats is None:
@@ -85,7 +103,8 @@ def _block_inverse(blocks: Tensor, d: int) -> Tensor:
     return torch.linalg.inv(full)
 
 
-@register("pruner", "armor")
+@register("pruner", "armor", check=_check,
+          options=lambda recipe: {**_pattern(recipe), **asdict(recipe.armor)})
 def armor(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m: int = 4,
           block_size: int = 32, iters: int = 3000, lr: float = 1e-4, init: str = "nowag",
           seed: int = 0, refit: bool = True) -> PackedLinear:

@@ -19,7 +19,7 @@ from quantkit.registry import register
 MAX_FP16_COLUMNS = 100   # keep at most in_features / 100 weight columns in fp16
 
 
-@register("compressor", "llm-int8")
+@register("compressor", "llm-int8", options=lambda recipe: {"threshold": recipe.llm_int8_threshold})
 def llm_int8(W: Tensor, stats: LayerStats | None, spec: QSpec,
              threshold: float = DEFAULT_THRESHOLD) -> PackedLinear:
     """8 bits: row-wise absmax int8 (group size and grid options do not apply), the calibration's

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quantkit import registry
 from quantkit.alloc.table import CostTable
 from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
 from quantkit.model.runner import input_groups, walk_blocks
 from quantkit.stats.hessian import collect_hessians, proxy_loss
+from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.types import QSpec
 
 
@@ -133,3 +135,40 @@ def kl_table(model: nn.Module, ids: Tensor, names: list[str], options: list[QSpe
         weights.append(W.numel())
     return CostTable(list(names), list(options), torch.tensor(cost, dtype=torch.float64),
                      torch.tensor(size, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
+
+
+# The sensitivities the recipe's `sensitivity` names: (model, calibration batches, layer names,
+# options, the run's compressor, device, progress) -> CostTable. Every layer is quantized at
+# every option by the run's own compressor on the unquantized model's statistics, so the table
+# prices the errors that compressor will make (GPTQ's fall much faster with bits than RTN's).
+
+@registry.register("sensitivity", "hessian")
+def hessian_table(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
+                  compressor, device: torch.device, progress: bool) -> CostTable:
+    """Each layer's own output error tr(E H Eᵀ)."""
+    return cost_table(model, batches, options, compressor, device, hessian_price, progress)
+
+
+@registry.register("sensitivity", "fisher")
+def fisher_table(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
+                 compressor, device: torch.device, progress: bool) -> CostTable:
+    """Output errors weighted by the output Fisher (from the first two batches, in pairs)."""
+    small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
+    price = fisher_price(output_fisher(model, small, names))
+    return cost_table(model, batches, options, compressor, device, price, progress)
+
+
+@registry.register("sensitivity", "trace")
+def trace_table(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
+                compressor, device: torch.device, progress: bool) -> CostTable:
+    """Weight errors priced by the loss Hessian's trace (Hutchinson, one window)."""
+    price = trace_price(loss_hessian_traces(model, batches[0][:1], names))
+    return cost_table(model, batches, options, compressor, device, price, progress)
+
+
+@registry.register("sensitivity", "kl")
+def kl_sensitivity(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
+                   compressor, device: torch.device, progress: bool) -> CostTable:
+    """Output KL with one layer at a time round-to-nearest quantized (no per-layer statistics)."""
+    rtn = registry.get("compressor", "rtn")
+    return kl_table(model, batches[0][:4].to(device), names, options, rtn, progress)
