@@ -77,6 +77,25 @@ def test_frontier_monotone_and_max_budget_gives_max_bits():
         assert torch.equal(alloc(table, float(top) + 0.5), torch.full((10,), 3))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_frontier_on_a_coarse_grid_never_exceeds_its_capacities(seed):
+    """Sizes with no useful gcd (odd overheads, a few grid steps): every frontier point's true
+    size fits the capacity it is reported for, and the allocation its budget."""
+    table = random_table(8, seed=seed)
+    table.size += torch.rand(table.size.shape, generator=torch.Generator().manual_seed(seed),
+                             dtype=torch.float64) * 7                  # non-integer sizes
+    f = frontier(table, steps=97)
+    assert f.unit != round(f.unit)                                      # not a gcd grid
+    for c in range(0, len(f.cost), 5):
+        if torch.isfinite(f.cost[c]):
+            choice = f.choice(c)
+            assert float(table.size.gather(1, choice[:, None]).sum()) <= c * f.unit + 1e-6
+            assert float(table.cost.gather(1, choice[:, None]).sum()) == pytest.approx(float(f.cost[c]))
+    lo = float(table.size.min(1).values.sum() / table.weights.sum())
+    for bpw in (lo + 0.3, lo + 1.0, lo + 2.5):
+        assert table.bits_per_weight(pareto_allocate(table, bpw)) <= bpw + 1e-9
+
+
 def test_infeasible_budget_names_the_range():
     with pytest.raises(QuantkitError, match="smallest feasible budget"):
         ip_allocate(random_table(5), 1.0)

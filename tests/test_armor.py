@@ -44,7 +44,7 @@ def test_mask_is_exactly_2_of_4_and_core_zero_off_mask(shape, b):
     assert r.mask.shape == W.shape and r.mask.dtype == torch.bool and is_nm(r.mask, 2, 4)
     assert bool((r.core[~r.mask] == 0).all())
     assert r.post.shape == (-(-shape[0] // b), b, b) and r.pre.shape == (-(-shape[1] // b), b, b)
-    assert len(r.losses) == 41 and r.seconds > 0
+    assert len(r.losses) == 41
 
 
 def test_zero_iterations_is_the_nowag_p_baseline():

@@ -8,6 +8,7 @@ import quantkit
 from quantkit.formats.io import atomic_dir, save_packed
 from quantkit.model.discovery import find_blocks, linears
 from quantkit.model.runner import capture_inputs, input_groups
+from quantkit.stats.hessian import collect_hessians
 from quantkit.pipeline import compress_model
 from quantkit.quant.base import QSpec
 from quantkit.quant.gptq import gptq, gptq_baq
@@ -73,7 +74,19 @@ def test_true_sequential_sees_quantized_inputs():
     q = "model.layers.0.self_attn.q_proj"
     o = "model.layers.0.self_attn.o_proj"
     assert torch.equal(pa[q].tensors["qweight"], pb[q].tensors["qweight"])
-    assert not torch.equal(pa[o].tensors["qweight"], pb[o].tensors["qweight"])
+    # reference: quantize q/k/v here, then o_proj on the Hessian of its now quantized inputs
+    c = tiny_model("llama")
+    block = find_blocks(c)[1][0]
+    inputs = capture_inputs(c, block, token_batches(), torch.device("cpu"))
+    qkv, [o_name] = input_groups(block, inputs)[:2]
+    stats = collect_hessians(block, inputs, [qkv])[qkv[0]].finalize()
+    for n in qkv:
+        mod = block.get_submodule(n)
+        mod.weight.data = gptq(mod.weight.detach().float(), stats, spec).dequantize()
+    o_stats = collect_hessians(block, inputs, [[o_name]])[o_name].finalize()
+    ref = gptq(block.get_submodule(o_name).weight.detach().float(), o_stats, spec)
+    assert torch.equal(pa[o].tensors["qweight"], ref.tensors["qweight"])
+    assert not torch.equal(pb[o].tensors["qweight"], ref.tensors["qweight"])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -166,15 +166,21 @@ def test_rsq_with_uniform_weights_and_no_rotation_is_gptq(fp_target):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_attention_weighting_changes_the_result():
+def test_attention_weighting_is_gptq_on_the_weighted_hessian():
+    """Block 0's q_proj under RSQ: GPTQ's codes on H = X diag(w) Xᵀ / Σ w, w from attention,
+    computed here from the block's inputs; not those of the unweighted Hessian."""
     spec = QSpec(bits=3, group_size=32)
     model = tiny_model("llama")
-    a, _ = compress_model(model, token_batches(), plan_for(model, spec), gptq, CPU, progress=False)
-    model = tiny_model("llama")
-    b, _ = compress_model(model, token_batches(), plan_for(model, spec), rsq, CPU, progress=False,
+    a, _ = compress_model(model, token_batches(), plan_for(model, spec), rsq, CPU, progress=False,
                           token_weights=attention_weights())
-    q = "model.layers.0.self_attn.q_proj"
-    assert not torch.equal(a[q].tensors["qweight"], b[q].tensors["qweight"])
+    model = tiny_model("llama")
+    block, inputs = _block0(model)
+    group = input_groups(block, inputs)[:1]
+    for weights, same in ((attention_weights()(block, inputs), True), (None, False)):
+        stats = collect_hessians(block, inputs, group, token_weights=weights)[group[0][0]].finalize()
+        ref = gptq(block.self_attn.q_proj.weight.detach().float(), stats, spec)
+        got = a["model.layers.0.self_attn.q_proj"].tensors["qweight"]
+        assert torch.equal(got, ref.tensors["qweight"]) == same
 
 
 @pytest.fixture(scope="module")
