@@ -88,7 +88,7 @@ def test_quantize_eval_inspect(ckpt, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "/no/such/model"], "no such directory"),
     (["quantize", "llama", "--method", "nope"], "unknown compressor 'nope'"),
-    (["quantize", "llama", "--alloc", "nope"], "unknown allocator 'nope'; choose one of: uniform, baq"),
+    (["quantize", "llama", "--alloc", "nope"], "unknown allocator 'nope'; choose one of: baq, ip, pareto, uniform"),
     (["quantize", "llama", "--device", "cuda"], "no CUDA device"),
     (["eval", "/no/such/model"], "no such directory"),
     (["quantize", "someorg/somemodel"], "cannot load 'someorg/somemodel'"),
