@@ -6,7 +6,6 @@ import os
 from quantkit.version import __version__  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
-from quantkit.pipeline import Report  # noqa: E402
 from quantkit.nn.hf import register as _register_with_transformers  # noqa: E402
 
 _register_with_transformers()
@@ -52,6 +51,15 @@ def _recipe(recipe) -> Recipe:
     if isinstance(recipe, (str, os.PathLike)):
         return load_recipe(os.fspath(recipe))
     raise QuantkitError(f"quantize: recipe must be a Recipe or a recipe name; got {type(recipe).__name__}")
+
+
+def __getattr__(name: str):
+    # Report lives with the pipeline, which imports every method (and evals' corpora): loaded on
+    # first use so that `import quantkit` from evals/ or a bench script has no import cycle.
+    if name == "Report":
+        from quantkit.pipeline import Report
+        return Report
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
 
 
 def load(path, device: str = "cpu", kernel: str = "auto", dtype=None, keep_packed: bool = False):

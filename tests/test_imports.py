@@ -115,3 +115,15 @@ def fails_with(check, text: str) -> None:
         assert text in str(e)
     else:
         raise AssertionError(f"{check.__name__} did not fail on a planted {text!r}")
+
+
+def test_every_entry_point_imports_first_in_a_fresh_interpreter():
+    """Cycles through evals/ (quantkit -> evals.data -> quantkit) show only in a fresh process,
+    depending on which module comes first: bench scripts start from evals, users from quantkit."""
+    import subprocess
+    import sys
+    root = PACKAGE.parent
+    for first in ("evals.data", "evals.suite", "quantkit", "quantkit.pipeline", "cli"):
+        r = subprocess.run([sys.executable, "-c", f"import {first}"], cwd=root, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, f"import {first}: {r.stderr.strip().splitlines()[-1]}"
