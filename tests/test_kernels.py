@@ -18,7 +18,7 @@ def packed_layer(out_f, in_f, bits, gs, act_order, static, seed=0):
     W = torch.randn(out_f, in_f, generator=g)
     X = torch.randn(500, in_f, generator=g) * (torch.rand(in_f, generator=g) + 0.1)
     spec = QSpec(bits=bits, group_size=gs, act_order=act_order, static_groups=static, mse=False)
-    c, s, z, gi = gptq_codes(W, X.T @ X / 500, spec)
+    c, s, z, gi = gptq_codes(W, X.T @ X / 500, spec)[:4]
     return make_int(c, s, z, bits, gs, gi)
 
 

@@ -82,9 +82,9 @@ def test_diagonal_hessian_makes_sparsegpt_wanda():
     W, _ = layer()
     d = torch.linspace(0.1, 4, W.shape[1])
     spec = QSpec(act_order=False, damp=0.0)
-    keep = torch.zeros_like(W, dtype=torch.bool)
-    vals, *_ = gptq_codes(W, torch.diag(d), spec, keep=keep, nm=(2, 4), round_values=False)
-    assert torch.equal(keep, nm_mask(W.abs() * d.sqrt())) and torch.equal(vals, W * keep)
+    r = gptq_codes(W, torch.diag(d), spec, keep=torch.zeros_like(W, dtype=torch.bool), nm=(2, 4),
+                   round_values=False)
+    assert torch.equal(r.keep, nm_mask(W.abs() * d.sqrt())) and torch.equal(r.codes, W * r.keep)
 
 
 def test_fixed_full_mask_is_plain_gptq():
@@ -92,7 +92,7 @@ def test_fixed_full_mask_is_plain_gptq():
     spec = QSpec(bits=3, group_size=16, act_order=False)
     plain = gptq_codes(W, st.H, spec)
     masked = gptq_codes(W, st.H, spec, keep=torch.ones_like(W, dtype=torch.bool))
-    assert all(torch.equal(a, b) for a, b in zip(plain, masked))
+    assert all(torch.equal(a, b) for a, b in zip(plain[:5], masked[:5]))
 
 
 @pytest.mark.parametrize("fn", [magnitude, wanda, sparsegpt])

@@ -37,13 +37,13 @@ def _pack(W: Tensor, keep: Tensor, H: Tensor, spec: QSpec | None, n: int, m: int
           choose: bool = False) -> PackedLinear:
     """fp16 kept weights (spec None; with feedback, updated by the pruning error fed back
     through H), or GPTQ codes on spec's grid with the mask fixed. choose: the mask is not
-    given but picked group by group by SparseGPT's rule (keep is filled in place)."""
+    given but picked group by group by SparseGPT's rule (from keep, all False)."""
     _check_groups(spec, n, m)
     if spec is None and not feedback:
         return make_sparse(W * keep, keep, n, m, pre=pre, post=post)
     base = replace(PRUNE_ONLY if spec is None else spec, act_order=False)
-    vals, scales, zeros, _ = gptq_codes(W, H, base, keep=keep, nm=(n, m) if choose else None,
-                                        round_values=spec is not None)
+    vals, scales, zeros, _, _, keep = gptq_codes(W, H, base, keep=keep, nm=(n, m) if choose else None,
+                                                 round_values=spec is not None)
     if spec is None:
         return make_sparse(vals, keep, n, m, pre=pre, post=post)
     return make_sparse_int(vals, keep, scales, None if spec.sym else zeros, spec.bits,

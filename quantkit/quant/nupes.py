@@ -33,7 +33,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.lut import lut_dequantize, lut_storage_bits, make_lut
 from quantkit.formats.packed import PackedLinear, group_index
 from quantkit.quant.base import LayerStats, QSpec, group_width, proxy_loss
-from quantkit.quant.gptq import inverse_hessian_factor
+from quantkit.quant.gptq import feedback, inverse_hessian_factor, live_columns
 from quantkit.quant.grid import _to_storage
 from quantkit.registry import register
 
@@ -182,33 +182,23 @@ def data_driven_exponent(W: Tensor, H: Tensor, spec: QSpec) -> float:
 
 def gptq_lut_codes(W: Tensor, H: Tensor, scales: Tensor, lut: Tensor, g_idx: Tensor, damp: float,
                    act_order: bool = True, block: int = 128) -> Tensor:
-    """Codes [out, in] on a fixed table grid by GPTQ's column-wise error feedback.
+    """Codes [out, in] on a fixed table grid by GPTQ's column-wise error feedback (quant.gptq's
+    loop, with blocks of `block` columns and this grid's rounder).
 
     The grid (table and per-group scales) is fixed up front, so act-order needs no g_idx:
     columns go in order of decreasing diag H, each rounded to its nearest grid value, and the
     rounding error is spread over the columns still to come through the inverse Hessian.
     """
-    W, H = W.float().clone(), H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = live_columns(W, H)
     perm = (torch.argsort(H.diagonal(), descending=True) if act_order
             else torch.arange(W.shape[1], device=W.device))
     W, H, S = W[:, perm].t().contiguous(), H[perm][:, perm], scales[:, g_idx[perm]].t().contiguous()
-    U = inverse_hessian_factor(H, damp)
-    codes = torch.empty(W.shape, dtype=torch.long, device=W.device)
-    n = W.shape[0]
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        err = torch.empty(i2 - i1, W.shape[1], device=W.device)
-        for j in range(i1, i2):                      # row j of W is column j of the layer
-            q = nearest_codes(W[j] / S[j], lut)
-            codes[j] = q
-            e = (W[j] - lut[q] * S[j]) / U[j, j]
-            err[j - i1] = e
-            W[j + 1:i2].addr_(U[j, j + 1:i2], e, alpha=-1)
-        W[i2:].addmm_(U[i1:i2, i2:].t(), err, alpha=-1)
-    return codes.t()[:, torch.argsort(perm)].contiguous()
+
+    def nearest(j: int, Wt: Tensor) -> tuple[Tensor, Tensor]:
+        q = nearest_codes(Wt[j] / S[j], lut)
+        return q, lut[q] * S[j]
+    codes_t, _ = feedback(W, inverse_hessian_factor(H, damp), nearest, block, block)
+    return codes_t.long().t()[:, torch.argsort(perm)].contiguous()
 
 
 def refit_scales(W: Tensor, H: Tensor, codes: Tensor, scales: Tensor, lut: Tensor, gw: int) -> Tensor:
