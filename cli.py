@@ -124,8 +124,8 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def cmd_quantize(a) -> dict:
+    import quantkit
     from evals.data import domains, load_text
-    from quantkit.pipeline import run
     from quantkit.recipe import load_recipe
     r = load_recipe(a.target)
     if a.cmd == "prune":
@@ -145,7 +145,7 @@ def cmd_quantize(a) -> dict:
     name = Path(a.target).stem if a.model is None else Path(r.model).name
     r = r.with_overrides(out=a.out or f"out/{name}-{_run_name(r)}")
     texts = [load_text(d, "eval") for d in domains(r.eval.dataset)] if a.eval else None  # fail early
-    rep = run(r)
+    rep = quantkit.quantize(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
     if a.eval and len(texts) == 1:
         from quantkit.evaluate import text_perplexity

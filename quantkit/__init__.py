@@ -5,7 +5,8 @@ import os
 
 from quantkit.version import __version__  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.recipe import Recipe  # noqa: E402
+from quantkit.recipe import ArmorConfig, CalibConfig, EvalConfig, Recipe, RSQConfig  # noqa: E402
+from quantkit.types import LayerStats, QSpec  # noqa: E402
 from quantkit.nn.hf import register as _register_with_transformers  # noqa: E402
 
 _register_with_transformers()
@@ -68,4 +69,5 @@ def load(path, device: str = "cpu", kernel: str = "auto", dtype=None, keep_packe
     return _load(path, device, kernel, dtype, keep_packed)
 
 
-__all__ = ["Recipe", "Report", "QuantkitError", "quantize", "load", "__version__"]
+__all__ = ["quantize", "load", "Recipe", "Report", "QSpec", "LayerStats", "CalibConfig", "EvalConfig",
+           "RSQConfig", "ArmorConfig", "QuantkitError", "__version__"]
