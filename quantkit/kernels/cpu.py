@@ -54,10 +54,7 @@ def prepare_int4(p: PackedLinear, bias: Tensor | None):
     b = None if bias is None else bias.to(torch.bfloat16)
 
     def forward(x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, in_f).to(torch.bfloat16)
-        if perm is not None:
-            x2 = x2[:, perm]
+        shape, x2 = x.shape, _bf16_rows(x, in_f, perm)
         if k_pad != in_f:  # decode runs this per layer and token: no copies when none are needed
             x2 = F.pad(x2, (0, k_pad - in_f))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, gk, sz)
@@ -67,6 +64,12 @@ def prepare_int4(p: PackedLinear, bias: Tensor | None):
             y = y + b
         return y.to(x.dtype).reshape(*shape[:-1], out_f)
     return forward
+
+
+def _bf16_rows(x: Tensor, in_f: int, perm: Tensor | None) -> Tensor:
+    """Activations as bf16 rows [tokens, in_f] (the ops' fast path), columns in the weight's order."""
+    x2 = x.reshape(-1, in_f).to(torch.bfloat16)
+    return x2 if perm is None else x2[:, perm]
 
 
 def supports_int8(p: PackedLinear) -> bool:
@@ -98,10 +101,7 @@ def prepare_int8(p: PackedLinear, bias: Tensor | None):
     b_ = None if bias is None else bias.to(torch.bfloat16)
 
     def forward(x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, in_f).to(torch.bfloat16)
-        if perm is not None:
-            x2 = x2[:, perm]
+        shape, x2 = x.shape, _bf16_rows(x, in_f, perm)
         y = None
         for a, b, k_pad, w, s, corr in parts:
             xg = F.pad(x2[:, a:b], (0, k_pad - (b - a))).contiguous()
