@@ -4,9 +4,7 @@
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -14,6 +12,7 @@ from quantkit.alloc.baq import baq_allocate
 from quantkit.alloc.ip import ip_allocate
 from quantkit.alloc.pareto import pareto_allocate
 from quantkit.alloc.table import as_table
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def main(L: int = 1000) -> None:
@@ -29,8 +28,7 @@ def main(L: int = 1000) -> None:
         fn(table, 3.0)
         res["seconds"][name] = time.perf_counter() - t
         print(f"{name:7s} {res['seconds'][name]:.3f} s")
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/alloc_speed.json").write_text(json.dumps(res, indent=2))
+    save_rows(default_path(__file__), res, __file__, merge=False)
 
 
 if __name__ == "__main__":

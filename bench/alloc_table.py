@@ -6,12 +6,11 @@
 Uniform rows are run at every width in --uniform; each budget is compared with the widest
 uniform width whose effective bits per weight fit it. One cost table per sensitivity is built
 once and shared by the allocators; an allocation equal to one already evaluated reuses its row.
-Results accumulate in bench/alloc_results.json (re-running skips finished rows).
+Results accumulate in bench/results/alloc_table.json (re-running skips finished rows).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
 from ppl_common import single_text  # noqa: E402
 from quantkit.pipeline import allocate, run, sensitivity_table  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
+from results_io import default_path, load_rows, save_rows  # noqa: E402
 
 
 def main() -> None:
@@ -36,14 +36,14 @@ def main() -> None:
     ap.add_argument("--sensitivities", default="hessian")
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
-    ap.add_argument("--out", default="bench/alloc_results.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     ap.add_argument("--table-cache", default=None, help="directory to keep/reuse cost tables (.pt)")
     a = ap.parse_args()
     sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     base = load_recipe("llama").with_overrides(**{"group_size": 128, "method": "gptq", "out": None, **sets})
     base = single_text(base)
     path = Path(a.out)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load_rows(path)
     results["recipe"] = base.to_dict()
     rows = results.setdefault("rows", {})
     ids = eval_ids_with_baseline(base, a.max_windows, results)
@@ -63,7 +63,7 @@ def main() -> None:
 
     def save(key: str, res: dict) -> None:
         rows[key] = res
-        path.write_text(json.dumps(results, indent=2))
+        save_rows(path, results, __file__, merge=False)
         print(f"{key}: ppl {res['ppl']:.3f} (x{res['ratio']:.3f}) at {res['bits_per_weight']:.3f} bpw "
               f"{res['layers_per_bits']}", flush=True)
 
@@ -110,7 +110,7 @@ def main() -> None:
             summary[key] = {"ppl": r["ppl"], "bpw": r["bits_per_weight"], "uniform_ppl": u["ppl"],
                             "uniform_bpw": u["bits_per_weight"], "ppl_cut": 1 - r["ppl"] / u["ppl"]}
     results["vs_uniform"] = summary
-    path.write_text(json.dumps(results, indent=2))
+    save_rows(path, results, __file__, merge=False)
 
 
 if __name__ == "__main__":

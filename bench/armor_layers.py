@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,6 +26,7 @@ from quantkit.prune.armor import armor_dense, armor_factorize
 from quantkit.quant.base import proxy_loss
 from quantkit.recipe import load_recipe
 from quantkit.stats.hessian import HessianAccumulator
+from results_io import default_path, save_rows  # noqa: E402
 
 BASELINES = ("magnitude", "wanda", "sparsegpt")
 
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="llama")
     ap.add_argument("--layers", default="0,10,20,29")
     ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE")
-    ap.add_argument("--out", default="bench/results/armor_layers.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     r = load_recipe(a.recipe).with_overrides(**{"calib.n_samples": 32, **parse_sets(a.set)})
     torch.manual_seed(r.seed)
@@ -94,8 +94,7 @@ def main() -> None:
            "armor": opts,
            "summary": summary, "rows": rows}
     print(json.dumps(summary, indent=1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+    save_rows(a.out, res, __file__, merge=False)
 
 
 if __name__ == "__main__":

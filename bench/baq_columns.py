@@ -12,7 +12,6 @@ import json
 import os
 import time
 from functools import partial
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +22,7 @@ from quantkit.model.loader import load_model  # noqa: E402
 from quantkit.quant.base import QSpec  # noqa: E402
 from quantkit.quant.gptq import gptq, gptq_baq  # noqa: E402
 from quantkit.stats.sensitivity import unquantized_layers  # noqa: E402
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def main() -> None:
@@ -54,9 +54,8 @@ def main() -> None:
     summary = {b: {"median_ratio": float(torch.tensor(v).median()), "min": min(v), "max": max(v)}
                for b, v in sums.items()}
     print(json.dumps(summary, indent=1))
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/baq_columns.json").write_text(json.dumps({"summary": summary, "rows": rows,
-                                                                  "n_samples": a.n_samples}, indent=2))
+    save_rows(default_path(__file__), {"summary": summary, "rows": rows, "n_samples": a.n_samples},
+              __file__, merge=False)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ Writes bench/results/encoder.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,6 +20,7 @@ from evals.data import load_text  # noqa: E402
 from quantkit.model.loader import load_model  # noqa: E402
 from quantkit.pipeline import run  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def sentences(n: int) -> list[str]:
@@ -64,8 +63,7 @@ def main() -> None:
             results[f"{method} w{bits} g{base.group_size}"] = res
             print(f"{method} w{bits}: cos {res['cos_mean']:.4f} (min {res['cos_min']:.4f}) "
                   f"nn-agreement {res['nn_agreement']:.3f}", flush=True)
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/encoder.json").write_text(json.dumps(results, indent=2))
+    save_rows(default_path(__file__), results, __file__, merge=False)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from quantkit.quant.base import QSpec
 from quantkit.quant.gptq import gptq_codes, inverse_hessian_factor
 from quantkit.quant.grid import fit_grid, quantize
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def textbook(W: torch.Tensor, H: torch.Tensor, spec: QSpec, block: int = 128) -> torch.Tensor:
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/gptq_speed.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     torch.manual_seed(0)
     n = a.size
@@ -79,8 +79,7 @@ def main() -> None:
            "speedup": t_ref / t_ours, "identical_codes": same, "textbook_runs": ts_ref,
            "quantkit_runs": ts_ours}
     print(json.dumps(res, indent=2))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+    save_rows(a.out, res, __file__, merge=False)
 
 
 if __name__ == "__main__":

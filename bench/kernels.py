@@ -7,8 +7,6 @@ Writes bench/results/kernels.json with medians (ms) and ratios vs fp32 dense.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from quantkit.formats.packed import make_int
 from quantkit.kernels import KERNELS
 from quantkit.quant.base import QSpec
 from quantkit.quant.rtn import rtn_codes
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def median_ms(fn, x) -> float:
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--out-features", type=int, default=4096)
     ap.add_argument("--in-features", type=int, default=4096)
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--out", default="bench/results/kernels.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     torch.manual_seed(0)
     W = torch.randn(a.out_features, a.in_features) / a.in_features ** 0.5
@@ -54,8 +53,7 @@ def main() -> None:
         res["speedup_vs_fp32"][b] = {k: ms["fp32_dense"] / v for k, v in ms.items()}
         for k, v in ms.items():
             print(f"batch {b:3d} {k:16s} {v:8.3f} ms  x{ms['fp32_dense'] / v:5.2f} vs fp32")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+    save_rows(a.out, res, __file__, merge=False)
 
 
 if __name__ == "__main__":

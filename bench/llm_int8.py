@@ -7,7 +7,7 @@ speed: median ms of fp32 and bf16 F.linear, our int8 kernel (torch._int_mm; with
 outlier features in the batch) and bitsandbytes' int8 matmul, on SmolLM2's layer shapes and a
 4096 x 4096 one. ppl: the model quantized with --method llm-int8 (8 bits, calibration outlier
 columns kept in fp16) evaluated with LLM.int8 arithmetic (activations in int8 too) at several
-outlier thresholds, and with the weights alone (reference kernel). Both write bench/results/llm_int8_<what>.json.
+outlier thresholds, and with the weights alone (reference kernel). Both write their row ("speed" / "ppl") of bench/results/llm_int8.json.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from quantkit.formats.llm_int8 import make_llm_int8  # noqa: E402
 from quantkit.kernels import KERNELS  # noqa: E402
+from results_io import default_path, save_rows  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 1536), (4096, 4096)]
 
@@ -109,9 +110,7 @@ def main() -> None:
     a = ap.parse_args()
     res = (speed([int(b) for b in a.batches.split(",")]) if a.what == "speed"
            else ppl(a.max_windows, a.n_samples, [float(t) for t in a.thresholds.split(",")]))
-    out = Path(f"bench/results/llm_int8_{a.what}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    save_rows(default_path(__file__), {a.what: res}, __file__)     # rows "speed" and "ppl"
 
 
 if __name__ == "__main__":

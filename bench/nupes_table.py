@@ -25,6 +25,7 @@ from evals.perplexity import eval_ids_with_baseline, perplexity  # noqa: E402
 from ppl_common import single_text  # noqa: E402
 from quantkit.pipeline import run  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
+from results_io import default_path, load_rows, save_rows  # noqa: E402
 
 ROWS = ("rtn:4:0,rtn:4:1,nupes-df:4,rtn:3:0,rtn:3:1,nupes-df:3,"
         "gptq:3:0,nupes:3,gptq:4:0,nupes:4")
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default=ROWS)
     ap.add_argument("--max-windows", type=int, default=20)
-    ap.add_argument("--out", default="bench/results/nupes_table.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     ap.add_argument("--kernel", action="store_true", help="only time the LUT kernel and print it")
     a = ap.parse_args()
     if a.kernel:
@@ -70,7 +71,7 @@ def main() -> None:
         "calib.n_samples": 32, "calib.seqlen": 512, "eval.max_windows": a.max_windows})
     base = single_text(base)
     path = Path(a.out)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load_rows(path)
     results["protocol"] = (f"SmolLM2-135M, g{base.group_size}, calibration {base.calib.n_samples} x "
                            f"{base.calib.seqlen} tokens of {base.calib.dataset}, fp_target off, "
                            f"true-sequential; eval: first {a.max_windows} windows of "
@@ -94,8 +95,7 @@ def main() -> None:
         rows[key] = {"method": method, "bits": int(bits), "sym": sym, "bits_per_weight": rep.bits_per_weight,
                      "ppl": res["ppl"], "x_fp32": res["ppl"] / fp, "seconds": time.time() - t,
                      "sum_proxy_loss": sum(proxies) if proxies else None}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
+        save_rows(path, results, __file__, merge=False)
         print(f"{key}: ppl {res['ppl']:.3f} (x{res['ppl'] / fp:.3f}) {rep.bits_per_weight:.3f} bpw "
               f"{time.time() - t:.0f}s", flush=True)
 

@@ -13,9 +13,7 @@ has pushed error there and the loss on d can end above RTN's. Writes bench/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,6 +29,7 @@ from quantkit.stats.hessian import collect_hessians  # noqa: E402
 from quantkit.quant.base import LayerStats, QSpec, proxy_loss  # noqa: E402
 from quantkit.quant.gptq import gptq  # noqa: E402
 from quantkit.quant.rtn import rtn  # noqa: E402
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def eval_batches(tok, name: str, n: int, seqlen: int = 512) -> list[torch.Tensor]:
@@ -60,7 +59,7 @@ def main() -> None:
     ap.add_argument("--blocks", default="0,10,20,29")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--damps", default="0.01,0.1")
-    ap.add_argument("--out", default="bench/results/ood_layers.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     blocks = {int(b) for b in a.blocks.split(",")}
     model, tok, _ = load_model("smollm2-135m")
@@ -93,8 +92,8 @@ def main() -> None:
         if unseen:
             summary[key]["geomean_vs_rtn_unseen_domains"] = geomean(summary[key][d] for d in unseen)
         print(f"{key:28s} " + " ".join(f"{d} {summary[key][d]:.3f}" for d in BUNDLED), flush=True)
-    Path(a.out).write_text(json.dumps({"summary": summary, "layers": rows, "blocks": sorted(blocks),
-                                       "windows": a.windows}, indent=1))
+    save_rows(a.out, {"summary": summary, "layers": rows, "blocks": sorted(blocks),
+                      "windows": a.windows}, __file__, merge=False)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the calibration, disjoint text). Rows accumulate in the results file under their
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from evals.suite import FOLDS, WINDOWS, eval_ids, evaluate, fold_domains, geomea
 from quantkit.model.loader import load_model
 from quantkit.pipeline import run
 from quantkit.recipe import load_recipe
+from results_io import default_path, load_rows  # noqa: E402
 
 
 def _score(recipe, ids, windows, fp32):
@@ -48,17 +48,17 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = table_parser("bench/results/ood_quality.json", WINDOWS)
+    ap = table_parser(str(default_path(__file__)), WINDOWS)
     ap.add_argument("--mix", action="store_true", help="also calibrate on all six domains")
     ap.add_argument("--folds", default=",".join(FOLDS), help="calibration folds to run")
     ap.add_argument("--table", action="store_true", help="print the results file as a table and stop")
     a = ap.parse_args()
     if a.table:
-        print(table(json.loads(Path(a.out).read_text())))
+        print(table(load_rows(a.out)))
         return
     base = load_recipe(a.recipe).with_overrides(**parse_sets(a.set))
     path = Path(a.out)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load_rows(path)
     model, tok, _ = load_model(base.model)
     ids = eval_ids(tok, "mix")
     key = f"fp32 w{a.max_windows}"

@@ -57,6 +57,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ppl_common import parse_sets, write_row  # noqa: F401  (sets the offline env)
+from results_io import default_path, load_rows
 
 import torch
 
@@ -352,7 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "row, its overrides on top of --set; repeatable")
     ap.add_argument("--threads", type=int, default=None, help="OMP threads of every worker and eval")
     ap.add_argument("--timeout", type=float, default=0, help="seconds before a worker is killed (0: none)")
-    ap.add_argument("--out", default="bench/results/peer_quality.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args(argv)
     a.configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",") if c]
     unknown = [t for t in a.tools.split(",") if t not in TOOLS]
@@ -396,7 +397,7 @@ def main() -> None:
     model_dir = resolve_source("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(model_dir)
     path = Path(a.out)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load_rows(path)
     ids = eval_ids(tok, "mix")
     results = fp32_baseline(model_dir, tok, ids, a, results)
     fp32 = results[f"fp32 w{a.max_windows}"]

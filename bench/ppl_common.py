@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from evals.data import COMPOSITES  # noqa: E402
 from evals.perplexity import eval_ids_with_baseline  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
+from results_io import load_rows, save_rows  # noqa: E402
 
 
 def table_parser(out: str, max_windows: int) -> argparse.ArgumentParser:
@@ -48,16 +49,13 @@ def table_setup(a):
     overrides = parse_sets(a.set)
     base = single_text(base.with_overrides(**{"eval.dataset": overrides.get("eval.dataset")}))
     path = Path(a.out)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load_rows(path)
     ids = eval_ids_with_baseline(base, a.max_windows, results)
     print(f"fp32 ppl {results['fp32']['ppl']:.3f}", flush=True)
     return base, overrides, path, results, ids
 
 
 def write_row(path: Path, results: dict, key: str, res: dict) -> dict:
-    """results plus one row, written out; the file is re-read first so that rows written by a
-    run beside this one stay."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    results = {**results, **(json.loads(path.read_text()) if path.exists() else {}), key: res}
-    path.write_text(json.dumps(results, indent=2))
-    return results
+    """results plus one row, written out under the envelope of the script that runs (results_io);
+    the file is re-read first so that rows written by a run beside this one stay."""
+    return save_rows(path, {**results, **load_rows(path), key: res}, sys.argv[0], merge=False)

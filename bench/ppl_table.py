@@ -12,10 +12,11 @@ import time
 from ppl_common import table_parser, table_setup, write_row
 from evals.perplexity import perplexity
 from quantkit.pipeline import run
+from results_io import default_path  # noqa: E402
 
 
 def main() -> None:
-    ap = table_parser("bench/results/smollm2_ppl.json", 40)
+    ap = table_parser(str(default_path(__file__)), 40)
     ap.add_argument("--configs", default="3:128,4:128,4:-1,2:64")
     ap.add_argument("--methods", default="rtn,gptq")
     a = ap.parse_args()

@@ -12,8 +12,6 @@ ms, written to bench/results/sparse_kernels.json.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from quantkit.kernels.sparse import prepare_cpu
 from quantkit.prune.mask import nm_mask
 from quantkit.quant.base import QSpec
 from quantkit.quant.rtn import rtn_codes
+from results_io import default_path, save_rows  # noqa: E402
 
 
 def median_ms(fn, x, min_run_time: float, repeats: int = 3) -> float:
@@ -107,7 +106,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--cuda-batches", default="1,64,2048")
     ap.add_argument("--min-run-time", type=float, default=0.3)
-    ap.add_argument("--out", default="bench/results/sparse_kernels.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
@@ -119,8 +118,7 @@ def main() -> None:
         for shape in shapes:
             res["cuda"]["x".join(map(str, shape))] = bench_cuda(
                 shape, [int(v) for v in a.cuda_batches.split(",")], a.min_run_time)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+    save_rows(a.out, res, __file__, merge=False)
 
 
 if __name__ == "__main__":

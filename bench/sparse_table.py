@@ -1,5 +1,5 @@
 """2:4 pruning on SmolLM2-135M (offline asset): perplexity of dense, magnitude, Wanda, SparseGPT,
-ARMOR and ARMOR + 4-bit, time per layer and ARMOR's wrapper overhead -> bench/sparse_results.json.
+ARMOR and ARMOR + 4-bit, time per layer and ARMOR's wrapper overhead -> bench/results/sparse_table.json.
 
     python bench/sparse_table.py [--max-windows 20] [--rows magnitude,wanda,sparsegpt,armor,armor+w4]
         [--set armor.iters=300] [--set calib.n_samples=32]
@@ -15,6 +15,7 @@ import time
 from ppl_common import table_parser, table_setup, write_row
 from evals.perplexity import perplexity
 from quantkit.pipeline import run
+from results_io import default_path  # noqa: E402
 
 
 def row_overrides(row: str) -> dict:
@@ -24,7 +25,7 @@ def row_overrides(row: str) -> dict:
 
 
 def main() -> None:
-    ap = table_parser("bench/sparse_results.json", 20)
+    ap = table_parser(str(default_path(__file__)), 20)
     ap.add_argument("--rows", default="magnitude,wanda,sparsegpt,armor,armor+w4,sparsegpt+w4")
     a = ap.parse_args()
     base, overrides, path, results, ids = table_setup(a)

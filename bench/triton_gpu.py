@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from quantkit.formats.packed import make_int
 from quantkit.kernels import KERNELS
+from results_io import default_path, save_rows  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--peak-gbs", type=float, default=3350.0)
-    ap.add_argument("--out", default="bench/results/triton_gpu.json")
+    ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs a GPU")
@@ -72,8 +72,7 @@ def main() -> None:
             print(json.dumps(rows[-1]))
     res = {"device": torch.cuda.get_device_name(), "bits": a.bits, "group_size": a.group_size,
            "peak_gbs": a.peak_gbs, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+    save_rows(a.out, res, __file__, merge=False)
 
 
 if __name__ == "__main__":
