@@ -172,12 +172,13 @@ def _check_budget(recipe: Recipe, options: list[QSpec], model: nn.Module | None)
     check_budget(recipe.bits, sum(map(min, sizes)) / n, sum(map(max, sizes)) / n)
 
 
-def _needs_table(recipe: Recipe) -> bool:
-    return getattr(registry.get("allocator", recipe.alloc), "needs_table", True)
+def _needs_table(recipe: Recipe, alloc: str | None = None) -> bool:
+    """Whether the allocator (the recipe's, or `alloc`) reads a cost table."""
+    return getattr(registry.get("allocator", alloc or recipe.alloc), "needs_table", True)
 
 
 def _table_allocators() -> list[str]:
-    return [n for n in registry.names("allocator") if getattr(registry.get("allocator", n), "needs_table", True)]
+    return [n for n in registry.names("allocator") if _needs_table(None, n)]
 
 
 # --- load ------------------------------------------------------------------------------------
