@@ -23,6 +23,7 @@ from quantkit.model.discovery import find_blocks, linears, weight_matrix
 from quantkit.model.loader import load_model
 from quantkit.prune import pruners  # noqa: F401  (registers the pruners)
 from quantkit.prune.armor import armor_dense, armor_factorize
+from quantkit.prune.pruners import ArmorConfig
 from quantkit.quant.base import proxy_loss
 from quantkit.recipe import load_recipe
 from quantkit.stats.hessian import HessianAccumulator
@@ -61,7 +62,7 @@ def main() -> None:
     layers = [int(x) for x in a.layers.split(",")]
     _, blocks = find_blocks(model)
     stats = layer_stats(model, blocks, layers, batches)
-    opts = dataclasses.asdict(r.armor)
+    opts = dataclasses.asdict(r.section("armor", ArmorConfig))
     rows = []
     for (i, name), st in stats.items():
         W = weight_matrix(blocks[i].get_submodule(name)).detach().float()

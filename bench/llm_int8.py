@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from quantkit.formats.llm_int8 import make_llm_int8  # noqa: E402
 from quantkit.kernels import KERNELS  # noqa: E402
+from quantkit.quant.llm_int8 import LLMInt8Config  # noqa: E402
 from results_io import default_path, save_rows  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 1536), (4096, 4096)]
@@ -93,7 +94,7 @@ def ppl(max_windows: int, n_samples: int, thresholds: list[float]) -> dict:
     res["bits_per_weight"] = rep.bits_per_weight
     res["ratio_vs_fp32"] = {k: v / res["fp32"] for k, v in res.items() if k.startswith(("llm_int8", "int8"))}
     res["protocol"] = (f"SmolLM2-135M; calibration {n_samples} x 512 austen tokens (fp16 outlier "
-                       f"columns: act absmax >= {recipe.llm_int8_threshold:g}, the recipe's threshold); ppl on the first {max_windows} x 1024-token windows of "
+                       f"columns: act absmax >= {recipe.section('llm_int8', LLMInt8Config).threshold:g}, the recipe's threshold); ppl on the first {max_windows} x 1024-token windows of "
                        "Pride and Prejudice; llm_int8_threshold_T = LLM.int8 arithmetic with outlier threshold T, "
                        "int8_weights_only = the int8 weights with fp activations (reference kernel)")
     print(json.dumps(res, indent=1))

@@ -5,7 +5,7 @@ import os
 
 from quantkit.version import __version__  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.recipe import ArmorConfig, CalibConfig, EvalConfig, Recipe, RSQConfig  # noqa: E402
+from quantkit.recipe import CalibConfig, EvalConfig, Recipe  # noqa: E402
 from quantkit.types import LayerStats, QSpec  # noqa: E402
 from quantkit.nn.hf import register as _register_with_transformers  # noqa: E402
 
@@ -70,4 +70,4 @@ def load(path, device: str = "cpu", kernel: str = "auto", dtype=None, keep_packe
 
 
 __all__ = ["quantize", "load", "Recipe", "Report", "QSpec", "LayerStats", "CalibConfig", "EvalConfig",
-           "RSQConfig", "ArmorConfig", "QuantkitError", "__version__"]
+           "QuantkitError", "__version__"]

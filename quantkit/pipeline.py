@@ -111,6 +111,9 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
     t0 = time.time()
     _check(recipe, model)
     compressor, hooks = method(recipe)
+    if hooks.section:                     # the method's options as used, defaults included, on record
+        recipe = recipe.with_overrides(**{f"{hooks.section}.{k}": v for k, v in
+                                          asdict(recipe.section(hooks.section, hooks.config)).items()})
     m = _load(recipe, _needs_table(recipe) or getattr(compressor, "needs_stats", True), model,
               tokenizer, calib)
     plan, table = _plan(recipe, m, compressor, table, progress)
@@ -150,6 +153,12 @@ def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
                             + " | ".join(_table_allocators()))
     if mixed:
         registry.get("sensitivity", recipe.sensitivity)
+    known = registry.sections()
+    for name in recipe.sections:
+        if name not in known:
+            raise QuantkitError(f"recipe: unknown field or section {name!r}; the methods' sections: "
+                                f"{', '.join(sorted(known))}")
+        recipe.section(name, known[name])
     _, hooks = method(recipe)
     if hooks.check:
         hooks.check(recipe)
@@ -203,6 +212,9 @@ def _load(recipe: Recipe, need_data: bool, model: nn.Module | None = None, token
     batches = None
     if need_data:
         c = recipe.calib
+        if calib is None and tokenizer is None:
+            raise QuantkitError("calibration needs a tokenizer: pass tokenizer=... with the model, "
+                                "or calib=token ids [n, seqlen]")
         if calib is None:
             batches = calibration_batches(tokenizer, c.dataset, c.n_samples, c.seqlen, recipe.seed,
                                           c.batch_size)
@@ -323,7 +335,11 @@ def method(recipe: Recipe):
     kind, name = ("compressor", recipe.method) if recipe.prune is None else ("pruner", recipe.prune)
     fn, hooks = registry.get(kind, name), registry.hooks(kind, name)
     options = hooks.options(recipe) if hooks.options else {}
-    return (functools.partial(fn, **options) if options else fn), hooks
+    if not options:
+        return fn, hooks
+    bound = functools.partial(fn, **options)
+    bound.__dict__.update(fn.__dict__)           # its attributes (needs_stats, storage_floor) stay
+    return bound, hooks
 
 
 def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],

@@ -29,29 +29,6 @@ class EvalConfig:
 
 
 @dataclass
-class RSQConfig:
-    """RSQ (--method rsq): rotation, then GPTQ on a token-importance-weighted Hessian."""
-    rotate: bool = True             # QuaRot-style: fuse RMSNorms, random Hadamard on residual + heads
-    online_hadamard: bool = True    # rotate: also a run-time Hadamard on down_proj's input (as the paper)
-    importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
-    r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
-    r_max: float = 1.0
-    first_n: int = 64               # first_n: tokens (from the start of each window) that count
-    seed: int = 0                   # seed of the random Hadamard signs
-
-
-@dataclass
-class ArmorConfig:
-    """ARMOR (--prune armor): W ≈ A·S·B with block-diagonal A, B around an N:M-sparse S."""
-    block_size: int = 32            # wrapper blocks (the reference yaml's default; its paper runs: 128)
-    iters: int = 3000               # block coordinate descent iterations per layer (reference yaml: 3000)
-    lr: float = 1e-4                # Adam step on A, B and the kept values
-    init: str = "nowag"             # starting mask: nowag (the paper's) | magnitude | wanda | sparsegpt
-    refit: bool = True              # also solve the kept values on the full Hessian; keep what is better
-    seed: int = 0
-
-
-@dataclass
 class Recipe:
     """Everything a run depends on; saved next to its output."""
     model: str = "smollm2-135m"
@@ -71,18 +48,24 @@ class Recipe:
     tie_fused: bool = False         # mixed: q/k/v and gate/up share a width (what vLLM/GPTQ exports need)
     prune: str | None = None        # magnitude | wanda | sparsegpt | armor: N:M-prune every block linear
     pattern: str = "2:4"            # prune: keep N of every M weights along the input dimension
-    llm_int8_threshold: float = 6.0  # llm-int8: input features with |x| >= this take the 16-bit path
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
     report: str | None = None       # directory for the allocation report (JSON + PNG plots)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    rsq: RSQConfig = field(default_factory=RSQConfig)
-    armor: ArmorConfig = field(default_factory=ArmorConfig)
+    # the methods' own sections (rsq:, armor:, llm_int8: ...), each validated against the options
+    # dataclass its method registers with (quantkit.registry), before anything is loaded
+    sections: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        sections = d.pop("sections")
+        return {**d, **sections}                 # sections sit at the top level, as in YAML
+
+    def section(self, name: str, cls):
+        """The section `name` as its options dataclass `cls` (its defaults where not set)."""
+        return _build(cls, self.sections.get(name, {}), f"recipe.{name}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -108,16 +91,19 @@ class Recipe:
 def _build(cls, d: dict, where: str):
     if not isinstance(d, dict):
         raise QuantkitError(f"{where}: expected a mapping, got {type(d).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(known))
+    known = {f.name: f for f in fields(cls) if f.name != "sections"}
+    sections = {k: v for k, v in d.items() if cls is Recipe and k not in known and isinstance(v, dict)}
+    unknown = sorted(set(d) - set(known) - set(sections))
     if unknown:
         raise QuantkitError(f"{where}: unknown field(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(known)}")
+                            f"known: {', '.join(known)} (and the methods' sections)")
     kw = {}
     for name, value in d.items():
-        sub = {"calib": CalibConfig, "eval": EvalConfig, "rsq": RSQConfig, "armor": ArmorConfig}.get(name) if cls is Recipe else None
+        if name in sections:
+            continue
+        sub = {"calib": CalibConfig, "eval": EvalConfig}.get(name) if cls is Recipe else None
         kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
-    return cls(**kw)
+    return cls(**kw, sections=sections) if cls is Recipe else cls(**kw)
 
 
 def find_recipe(name: str) -> Path | None:

@@ -66,6 +66,7 @@ def test_text_calibration_draws_the_recipe_windows(ckpt):
 
 @pytest.mark.parametrize("calib, tokenizer, message", [
     ("some text", None, "needs a tokenizer"),
+    (None, None, "calibration needs a tokenizer"),
     (torch.rand(4, 8), None, "integer tensor"),
     ([torch.arange(4), torch.arange(5)], None, "different lengths"),
     ([], None, "got list \\(empty\\)"),

@@ -304,7 +304,16 @@ def test_llm_int8_threshold_comes_from_the_recipe(ckpt, tmp_path):
     from quantkit.pipeline import run
     from quantkit.recipe import CalibConfig
     calib = CalibConfig(dataset=str(ckpt / "text.txt"), n_samples=4, seqlen=32)
-    run(Recipe(model=str(ckpt / "model"), method="llm-int8", bits=8, llm_int8_threshold=2.5,
-               out=str(tmp_path / "q"), calib=calib), progress=False)
+    recipe = Recipe(model=str(ckpt / "model"), method="llm-int8", bits=8, out=str(tmp_path / "q"),
+                    calib=calib).with_overrides(**{"llm_int8.threshold": 2.5})
+    run(recipe, progress=False)
     layers = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layers"]
     assert {v["threshold"] for v in layers.values()} == {2.5}
+    saved = Recipe.from_dict(json.loads((tmp_path / "q" / "run.json").read_text())["recipe"])
+    assert saved.sections == {"llm_int8": {"threshold": 2.5}}        # the options used, on record
+    with pytest.raises(QuantkitError, match="recipe.llm_int8: unknown field"):
+        run(recipe.with_overrides(**{"llm_int8.treshold": 1.0}), progress=False)
+    with pytest.raises(QuantkitError, match="unknown field or section 'llm_int'"):
+        run(recipe.with_overrides(**{"llm_int.threshold": 1.0}), progress=False)
+    with pytest.raises(QuantkitError, match="unknown field"):
+        Recipe.from_dict({"llm_int8_threshold": 2.0})               # scalars are fields, not sections

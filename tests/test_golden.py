@@ -35,7 +35,7 @@ RECIPES = {
     "gptq-baq": dict(method="gptq-baq", bits=3, group_size=32),
     "rsq": dict(method="rsq", bits=3, group_size=32),
     "nupes": dict(method="nupes", bits=4, group_size=32),
-    "llm-int8": dict(method="llm-int8", bits=8, llm_int8_threshold=1.0),
+    "llm-int8": dict(method="llm-int8", bits=8, **{"llm_int8.threshold": 1.0}),
     "sparsegpt": dict(prune="sparsegpt", bits=4, group_size=32),
     "armor": dict(prune="armor", bits=16, **{"armor.iters": 20, "armor.block_size": 16}),
     "ip": dict(method="gptq", alloc="ip", bits=3.5, group_size=32, sensitivity="fisher",

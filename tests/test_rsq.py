@@ -16,7 +16,7 @@ from quantkit.quant.base import QSpec
 from quantkit.quant.gptq import gptq
 from quantkit.quant.rotation import OnlineHadamard, hadamard, hadamard_factors, random_orthogonal, rotate_model
 from quantkit.quant.rsq import rsq
-from quantkit.recipe import CalibConfig, Recipe, RSQConfig
+from quantkit.recipe import CalibConfig, Recipe
 from quantkit.stats.importance import (attention_probs, attention_weights, first_n_weights, rescale,
                                        token_weighting, uniform_weights)
 from tests.conftest import HIDDEN, VOCAB, tiny_model, token_batches
@@ -193,7 +193,7 @@ def tied_ckpt(tmp_path_factory):
 def test_rsq_pipeline_saves_and_loads_the_same_model(tied_ckpt, tmp_path):
     calib = CalibConfig(dataset=str(tied_ckpt / "text.txt"), n_samples=8, seqlen=32)
     recipe = Recipe(model=str(tied_ckpt / "llama"), method="rsq", bits=3, group_size=32,
-                    out=str(tmp_path / "q"), calib=calib, rsq=RSQConfig(seed=1))
+                    out=str(tmp_path / "q"), calib=calib).with_overrides(**{"rsq.seed": 1})
     rep = run(recipe, progress=False)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     fake = outputs(rep.model, ids)

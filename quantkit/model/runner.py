@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from tqdm.auto import tqdm
 
-from quantkit.model.discovery import find_blocks, linears, weight_matrix
+from quantkit.model.discovery import find_blocks, linears
 
 
 class _Stop(Exception):

@@ -6,7 +6,7 @@ mask held fixed (error feedback through the kept weights only; RTN when there is
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -103,8 +103,19 @@ def _block_inverse(blocks: Tensor, d: int) -> Tensor:
     return torch.linalg.inv(full)
 
 
-@register("pruner", "armor", check=_check,
-          options=lambda recipe: {**_pattern(recipe), **asdict(recipe.armor)})
+@dataclass
+class ArmorConfig:
+    """The recipe's `armor:` section: W ≈ A·S·B, A and B block-diagonal around an N:M-sparse S."""
+    block_size: int = 32            # wrapper blocks (the reference yaml's default; its paper runs: 128)
+    iters: int = 3000               # block coordinate descent iterations per layer (reference yaml: 3000)
+    lr: float = 1e-4                # Adam step on A, B and the kept values
+    init: str = "nowag"             # starting mask: nowag (the paper's) | magnitude | wanda | sparsegpt
+    refit: bool = True              # also solve the kept values on the full Hessian; keep what is better
+    seed: int = 0
+
+
+@register("pruner", "armor", section="armor", config=ArmorConfig, check=_check,
+          options=lambda recipe: {**_pattern(recipe), **asdict(recipe.section("armor", ArmorConfig))})
 def armor(W: Tensor, stats: LayerStats | None, spec: QSpec | None, n: int = 2, m: int = 4,
           block_size: int = 32, iters: int = 3000, lr: float = 1e-4, init: str = "nowag",
           seed: int = 0, refit: bool = True) -> PackedLinear:

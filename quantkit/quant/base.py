@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantkit.formats.packed import PackedLinear, int_storage_bits, n_groups
+from quantkit.formats.packed import int_storage_bits, n_groups
 from quantkit.quant.grid import fit_grid
 from quantkit.stats.hessian import proxy_loss  # noqa: F401  (re-exported)
-from quantkit.types import SUPPORTED_BITS, Compressor, LayerStats, QSpec  # noqa: F401  (re-exported)
+from quantkit.types import LayerStats, QSpec  # noqa: F401  (re-exported)
 
 
 def storage_floor(compressor, out_f: int, in_f: int, spec: QSpec) -> int:

@@ -8,6 +8,8 @@ and packs the rest into 2-4 bits.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 from torch import Tensor
 
 from quantkit.formats.llm_int8 import DEFAULT_THRESHOLD, llm_int8_storage_bits, make_llm_int8
@@ -19,7 +21,14 @@ from quantkit.registry import register
 MAX_FP16_COLUMNS = 100   # keep at most in_features / 100 weight columns in fp16
 
 
-@register("compressor", "llm-int8", options=lambda recipe: {"threshold": recipe.llm_int8_threshold})
+@dataclass
+class LLMInt8Config:
+    """The recipe's `llm_int8:` section."""
+    threshold: float = DEFAULT_THRESHOLD  # input features with |x| >= this take the 16-bit path
+
+
+@register("compressor", "llm-int8", section="llm_int8", config=LLMInt8Config,
+          options=lambda recipe: asdict(recipe.section("llm_int8", LLMInt8Config)))
 def llm_int8(W: Tensor, stats: LayerStats | None, spec: QSpec,
              threshold: float = DEFAULT_THRESHOLD) -> PackedLinear:
     """8 bits: row-wise absmax int8 (group size and grid options do not apply), the calibration's

@@ -8,6 +8,8 @@ the attention it receives (stats/importance.py) while accumulating the one Hessi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
@@ -19,19 +21,32 @@ from quantkit.registry import register
 from quantkit.stats.importance import TokenWeights, token_weighting
 
 
+@dataclass
+class RSQConfig:
+    """The recipe's `rsq:` section: rotation, then GPTQ on a token-importance-weighted Hessian."""
+    rotate: bool = True             # QuaRot-style: fuse RMSNorms, random Hadamard on residual + heads
+    online_hadamard: bool = True    # rotate: also a run-time Hadamard on down_proj's input (as the paper)
+    importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
+    r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
+    r_max: float = 1.0
+    first_n: int = 64               # first_n: tokens (from the start of each window) that count
+    seed: int = 0                   # seed of the random Hadamard signs
+
+
 def _prepare(model, recipe) -> None:
     """Rotate before calibration: every statistic is then of the rotated model."""
-    if recipe.rsq.rotate:
-        rotate_model(model, recipe.rsq.seed, recipe.rsq.online_hadamard)
+    c = recipe.section("rsq", RSQConfig)
+    if c.rotate:
+        rotate_model(model, c.seed, c.online_hadamard)
 
 
 def _token_weights(recipe) -> TokenWeights:
-    c = recipe.rsq
+    c = recipe.section("rsq", RSQConfig)
     return token_weighting(c.importance, c.r_min, c.r_max, c.first_n)
 
 
-@register("compressor", "rsq", prepare=_prepare, token_weights=_token_weights,
-          check=_token_weights)                    # check: an unknown importance fails early
+@register("compressor", "rsq", section="rsq", config=RSQConfig, prepare=_prepare,
+          token_weights=_token_weights, check=_token_weights)   # check: a bad importance fails early
 def rsq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
     """RSQ compressor: GPTQ's rounding with error feedback on the token-weighted Hessian."""
     if stats is None:
