@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import quantkit
+import quantkit.pipeline  # noqa: F401  (every method registered before the registry is copied)
 from quantkit import registry
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import make_int
