@@ -259,3 +259,14 @@ def test_prices_are_the_output_errors_on_the_calibration_tokens():
     assert hessian_price("l", E, H) == pytest.approx(float((out ** 2).sum(1).mean()), rel=1e-9)
     rw = torch.rand(5, generator=g, dtype=torch.float64)
     assert fisher_price({"l": rw})("l", E, H) == pytest.approx(float(((out ** 2) * rw).sum(1).mean()), rel=1e-9)
+
+
+def test_uniform_allocator_gives_every_layer_the_widest_option_that_fits():
+    from quantkit.alloc.uniform import uniform
+    table = random_table(6, seed=2)
+    avg = table.size.sum(0) / table.weights.sum()                     # per option, all layers
+    for o in range(4):
+        budget = float(avg[o]) + 1e-6
+        assert torch.equal(uniform(table, budget), torch.full((6,), o))
+        assert table.bits_per_weight(uniform(table, budget)) <= budget
+    assert uniform.needs_table is False                               # the pipeline plans it directly
