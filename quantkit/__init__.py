@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 
-from quantkit.version import __version__  # noqa: E402
-from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.recipe import CalibConfig, EvalConfig, Recipe  # noqa: E402
-from quantkit.types import LayerStats, QSpec  # noqa: E402
-from quantkit.nn.hf import register as _register_with_transformers  # noqa: E402
+from quantkit.version import __version__
+from quantkit.errors import QuantkitError
+from quantkit.recipe import CalibConfig, EvalConfig, Recipe
+from quantkit.types import LayerStats, QSpec
+from quantkit.nn.hf import register as _register_with_transformers
 
 _register_with_transformers()
 
