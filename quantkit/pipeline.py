@@ -114,8 +114,8 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
     if hooks.section:                     # the method's options as used, defaults included, on record
         recipe = recipe.with_overrides(**{f"{hooks.section}.{k}": v for k, v in
                                           asdict(recipe.section(hooks.section, hooks.config)).items()})
-    m = _load(recipe, _needs_table(recipe) or getattr(compressor, "needs_stats", True), model,
-              tokenizer, calib)
+    m = _load(recipe, hooks, _uses_table(recipe.alloc) or getattr(compressor, "needs_stats", True),
+              model, tokenizer, calib)
     plan, table = _plan(recipe, m, compressor, table, progress)
     packed, info = compress_model(m.model, m.batches, plan, compressor, m.device,
                                   recipe.true_sequential, recipe.fp_target, progress,
@@ -138,8 +138,8 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
 def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
     """The cost table a mixed-precision run of this recipe would build (to reuse via run(table=))."""
     _check(recipe)
-    m = _load(recipe, True)
-    return _recipe_table(recipe, m, method(recipe)[0], progress)
+    compressor, hooks = method(recipe)
+    return _recipe_table(recipe, _load(recipe, hooks, True), compressor, progress)
 
 
 # --- checks: everything that needs no calibration, before anything is loaded ---------------
@@ -147,7 +147,7 @@ def sensitivity_table(recipe: Recipe, progress: bool = True) -> CostTable:
 def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
     """Every check that needs no calibration, before anything is loaded (`model`: the
     in-memory model the run was given, whose shapes the budget check reads)."""
-    mixed = _needs_table(recipe)
+    mixed = _uses_table(recipe.alloc)
     if recipe.report and not mixed:
         raise QuantkitError("--report describes a bit allocation: use it with --alloc "
                             + " | ".join(_table_allocators()))
@@ -181,20 +181,21 @@ def _check_budget(recipe: Recipe, options: list[QSpec], model: nn.Module | None)
     check_budget(recipe.bits, sum(map(min, sizes)) / n, sum(map(max, sizes)) / n)
 
 
-def _needs_table(recipe: Recipe, alloc: str | None = None) -> bool:
-    """Whether the allocator (the recipe's, or `alloc`) reads a cost table."""
-    return getattr(registry.get("allocator", alloc or recipe.alloc), "needs_table", True)
+def _uses_table(alloc: str) -> bool:
+    """Whether the allocator `alloc` reads a cost table."""
+    return getattr(registry.get("allocator", alloc), "needs_table", True)
 
 
 def _table_allocators() -> list[str]:
-    return [n for n in registry.names("allocator") if _needs_table(None, n)]
+    return [n for n in registry.names("allocator") if _uses_table(n)]
 
 
 # --- load ------------------------------------------------------------------------------------
 
-def _load(recipe: Recipe, need_data: bool, model: nn.Module | None = None, tokenizer=None,
-          calib=None) -> Loaded:
-    """Load recipe.model (or take `model`), prepare it, draw the calibration windows."""
+def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Module | None = None,
+          tokenizer=None, calib=None) -> Loaded:
+    """Load recipe.model (or take `model`), prepare it (the method's hooks), draw the calibration
+    windows."""
     seed_everything(recipe.seed)
     device = check_device(recipe.device)
     if model is None:
@@ -204,7 +205,6 @@ def _load(recipe: Recipe, need_data: bool, model: nn.Module | None = None, token
         find_blocks(model)                                  # unsupported architectures fail here
         model.eval()
         source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    _, hooks = method(recipe)
     if hooks.prepare:
         hooks.prepare(model, recipe)             # before calibration: every statistic sees it
     prefix, blocks = find_blocks(model)
@@ -257,7 +257,7 @@ def _plan(recipe: Recipe, m: Loaded, compressor, table: CostTable | None,
           progress: bool) -> tuple[dict[str, QSpec | None], CostTable | None]:
     """The QSpec of every linear (None: keep the kept weights of a pruned layer in fp16), and
     the cost table it was allocated from (mixed precision)."""
-    if not _needs_table(recipe):
+    if not _uses_table(recipe.alloc):
         spec = _prune_spec(recipe) if recipe.prune is not None else base_spec(recipe)
         return {name: spec for name in m.layer_names}, table
     if table is None:
