@@ -88,6 +88,11 @@ class Recipe:
         return Recipe.from_dict(d)
 
 
+def build_config(cls, d: dict, where: str):
+    """cls(**d) for an options dataclass; unknown keys are a clear error naming `where`."""
+    return _build(cls, d, where)
+
+
 def _build(cls, d: dict, where: str):
     if not isinstance(d, dict):
         raise QuantkitError(f"{where}: expected a mapping, got {type(d).__name__}")

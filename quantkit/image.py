@@ -1,0 +1,130 @@
+"""Image classifiers with BatchNorm: calibration images (real, or distilled from the BN statistics
+with no data at all), BN folding, weight and activation quantization unit by unit (a per-layer
+compressor such as RTN / GPTQ, or a reconstruction method such as Genie-M), one report.
+
+    images = quantkit.calib.distill(model, method="genie", n=1024)
+    report = quantize_image_model(model, calib=images, bits=4, act_bits=4, method="genie-m")
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from quantkit import registry
+from quantkit.calib.distill import distill
+from quantkit.errors import QuantkitError
+from quantkit.formats.io import atomic_dir
+from quantkit.formats.packed import PackedLinear
+from quantkit.model.convnet import fold_batchnorm, trace, units
+from quantkit.quant import genie_m, gptq, rtn  # noqa: F401  (they register themselves)
+from quantkit.quant.act import ActQuantizer
+from quantkit.quant.convnet import default_plan, quantize_convnet
+from quantkit.recipe import build_config
+from quantkit.version import __version__
+
+
+@dataclass
+class ImageReport:
+    """What an image-model run gives back; `model` is the quantized (fake-quant) model."""
+    method: str
+    calib: str
+    bits: int
+    act_bits: int | None
+    seconds: float
+    calib_seconds: float
+    bits_per_weight: float
+    n_layers: int
+    settings: dict = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
+    packed: dict[str, PackedLinear] = field(default_factory=dict, repr=False)
+    quantizers: dict[str, ActQuantizer] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        keys = ("method", "calib", "bits", "act_bits", "seconds", "calib_seconds",
+                "bits_per_weight", "n_layers", "settings")
+        return {k: getattr(self, k) for k in keys}
+
+    def save(self, out: str | Path) -> "ImageReport":
+        """Packed weights, activation scales and the run record, written atomically."""
+        from safetensors.torch import save_file
+        tensors = {f"{n}.{k}": v.contiguous() for n, p in self.packed.items()
+                   for k, v in p.tensors.items()}
+        tensors.update({f"{n}.input_scale": q.scale.detach().reshape(1)
+                        for n, q in self.quantizers.items()})
+        layers = {n: {"format": p.format, "shape": list(p.shape), "meta": p.meta}
+                  for n, p in self.packed.items()}
+        acts = {n: {"bits": q.bits, "signed": q.signed} for n, q in self.quantizers.items()}
+        with atomic_dir(out) as tmp:
+            save_file(tensors, str(tmp / "quantized.safetensors"))
+            (tmp / "quantkit_image.json").write_text(json.dumps(
+                {"layers": layers, "activations": acts, "run": self.to_dict(),
+                 "versions": {"quantkit": __version__, "torch": torch.__version__,
+                              "python": platform.python_version()}}, indent=2, default=str))
+        return self
+
+
+def calibration_images(model: nn.Module, calib: Tensor | str, n: int, seed: int,
+                       options: dict | None = None, progress: bool = True) -> Tensor:
+    """Model inputs to calibrate on: `calib` itself (a tensor), or n images distilled from the
+    model's BatchNorm statistics by the named method (zeroq | genie)."""
+    if isinstance(calib, Tensor):
+        if calib.dim() != 4 or not calib.is_floating_point():
+            raise QuantkitError("calibration images: expected a float tensor [n, channels, h, w] "
+                                "in the model's input space (preprocessed)")
+        return calib
+    if calib not in registry.names("calib"):
+        raise QuantkitError(f"--calib {calib!r}: use {' | '.join(registry.names('calib'))} "
+                            "(data-free) or pass real images")
+    return distill(model, calib, n, seed, progress=progress, **(options or {}))
+
+
+def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: int = 4,
+                         act_bits: int | None = 8, method: str = "rtn", n_calib: int = 256,
+                         edge_bits: int = 8, batch_size: int = 64, seed: int = 0,
+                         calib_options: dict | None = None, method_options: dict | None = None,
+                         progress: bool = True) -> ImageReport:
+    """Quantize `model` in place: weights at `bits` per output channel (first and last layer at
+    edge_bits), each layer's input at act_bits (None: weight-only), by `method`: a compressor
+    (rtn, gptq) or a reconstruction method (genie-m)."""
+    t0 = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    recon = method in registry.names("reconstruction")
+    if not recon and method not in ("rtn", "gptq"):
+        raise QuantkitError(f"image models: --method {method!r} is not available; use rtn | gptq | "
+                            + " | ".join(registry.names("reconstruction")))
+    model.eval()
+    x = calibration_images(model, calib, n_calib, seed, calib_options, progress)
+    calib_seconds = time.time() - t0
+    tr = trace(model, x[:2])
+    if not tr.order:
+        raise QuantkitError(f"{type(model).__name__}: no Conv2d or Linear layer ran in the forward")
+    fold_batchnorm(model, tr)
+    plan = default_plan(tr.order, bits, act_bits, edge_bits)
+    plan.units = units(model, tr.order)
+    batches = list(x.split(batch_size))
+    if recon:
+        hooks = registry.hooks("reconstruction", method)
+        cfg = build_config(hooks.config, method_options or {}, method)
+        packed, quantizers = registry.get("reconstruction", method)(model, plan, batches, cfg,
+                                                                    seed=seed, progress=progress)
+    else:
+        packed, quantizers = quantize_convnet(model, plan, registry.get("compressor", method),
+                                              batches, progress)
+    n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
+    bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
+    return ImageReport(method=method, calib=calib if isinstance(calib, str) else "images",
+                       bits=bits, act_bits=act_bits, seconds=time.time() - t0,
+                       calib_seconds=calib_seconds, bits_per_weight=bpw, n_layers=len(packed),
+                       settings={"n_calib": len(x), "edge_bits": edge_bits, "seed": seed,
+                                 "calib_options": calib_options or {},
+                                 "method_options": method_options or {}},
+                       model=model, packed=packed, quantizers=quantizers)
+

@@ -1,0 +1,165 @@
+"""Weight and activation quantization of image classifiers, unit by unit.
+
+Weights: per output channel, asymmetric, by any integer compressor (RTN, GPTQ) on the conv
+weight as [out, in/groups·kh·kw]; a grouped or depthwise conv is compressed group by group, each
+with the Hessian of its own unfolded inputs (stats/ accumulator), and stored as one matrix.
+Activations: each layer's input through an ActQuantizer (quant/act.py). Units run in execution
+order, each on the inputs the already-quantized units before it produce (GPTQ's sequential
+order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.packed import PackedLinear, int_parts, make_int
+from quantkit.model.convnet import groups, unfold_input, unit_layers, weight_2d
+from quantkit.quant.act import ActQuantizer, attach_input_quantizers
+from quantkit.stats.hessian import HessianAccumulator
+from quantkit.types import LayerStats, QSpec
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class ConvPlan:
+    """What each layer gets: weight QSpec and input activation bits (None: fp input)."""
+    weights: dict[str, QSpec]
+    acts: dict[str, int | None]
+    order: list[str]                       # the layers in execution order
+    units: list[str] = field(default_factory=list)
+
+
+def default_plan(order: list[str], bits: int, act_bits: int | None, edge_bits: int = 8,
+                 method_spec: QSpec | None = None) -> ConvPlan:
+    """Per output channel asymmetric weights; the first and last layers at edge_bits (weights
+    and the last one's input; the first layer's input is the image itself and stays fp)."""
+    base = method_spec or QSpec(bits=bits, group_size=-1, sym=False, act_order=True, mse=False)
+    weights, acts = {}, {}
+    for i, name in enumerate(order):
+        edge = i in (0, len(order) - 1)
+        weights[name] = QSpec(**{**base.__dict__, "bits": edge_bits if edge else bits})
+        acts[name] = None if i == 0 or act_bits is None else (edge_bits if edge else act_bits)
+    return ConvPlan(weights, acts, order)
+
+
+def run_batches(model: nn.Module, batches: list[Tensor], stop_after: nn.Module | None = None) -> None:
+    """Forward every batch; with stop_after, each forward ends once that module has run."""
+    handle = None
+    if stop_after is not None:
+        def stop(*_):
+            raise _Stop
+        handle = stop_after.register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def layer_hessians(model: nn.Module, names: list[str], batches: list[Tensor],
+                   stop_after: nn.Module | None = None) -> dict[str, list[LayerStats]]:
+    """Per layer, one LayerStats per conv group, from the inputs the layer actually receives
+    (after its input quantizer)."""
+    accs: dict[str, list[HessianAccumulator]] = {}
+    handles = []
+    for name in names:
+        mod = model.get_submodule(name)
+        k = weight_2d(mod).shape[1]
+        accs[name] = [HessianAccumulator(k) for _ in range(groups(mod))]
+
+        def hook(m, args, name=name):
+            x = m.input_quantizer(args[0]) if hasattr(m, "input_quantizer") else args[0]
+            cols = unfold_input(m, x.float())
+            for g, acc in enumerate(accs[name]):
+                acc.add(cols[g])
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        run_batches(model, batches, stop_after)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: [a.finalize() for a in acc] for n, acc in accs.items()}
+
+
+def compress_layer(mod: nn.Module, compressor, stats: list[LayerStats] | None,
+                   spec: QSpec) -> PackedLinear:
+    """Compress one conv/linear (group by group for grouped convs) and write the dequantized
+    weight back; returns the packed weight [out, in/groups·kh·kw]."""
+    W = weight_2d(mod).detach().float()
+    g = groups(mod)
+    if spec.group_size != -1:
+        raise QuantkitError("image models quantize weights per output channel: group_size -1")
+    rows = W.shape[0] // g
+    parts = [compressor(W[i * rows:(i + 1) * rows], None if stats is None else stats[i], spec)
+             for i in range(g)]
+    if g == 1:
+        packed = parts[0]
+    else:
+        if any(p.format != "int" for p in parts):
+            raise QuantkitError(f"{type(mod).__name__} with groups={g}: only integer formats "
+                                "(rtn, gptq) can store a grouped conv")
+        codes, scales, zeros, _ = (torch.cat(t) for t in zip(*(int_parts(p) for p in parts)))
+        packed = make_int(codes, scales, None if spec.sym else zeros, spec.bits, -1)
+    with torch.no_grad():
+        mod.weight.copy_(packed.dequantize().reshape(mod.weight.shape).to(mod.weight))
+    return packed
+
+
+def calibrate_activations(model: nn.Module, quantizers: dict[str, ActQuantizer],
+                          batches: list[Tensor], stop_after: nn.Module | None = None,
+                          sample: int = 1 << 16) -> None:
+    """Set each quantizer's signedness and MSE range from the values it receives (a fixed
+    random subsample per batch, plus each batch's extremes so the range is seen whole)."""
+    seen: dict[str, list[Tensor]] = {n: [] for n in quantizers}
+    gen = torch.Generator().manual_seed(0)
+    handles = []
+    for name, q in quantizers.items():
+        def grab(_m, args, name=name):
+            x = args[0].detach().flatten().float()
+            idx = torch.randint(0, x.numel(), (min(sample, x.numel()),), generator=gen)
+            seen[name].append(torch.cat([x[idx], x.min()[None], x.max()[None]]))
+        handles.append(q.register_forward_pre_hook(grab))
+    try:
+        run_batches(model, batches, stop_after)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, q in quantizers.items():
+        q.calibrate(torch.cat(seen[name]))
+
+
+def quantize_convnet(model: nn.Module, plan: ConvPlan, compressor, batches: list[Tensor] | None,
+                     progress: bool = True) -> tuple[dict[str, PackedLinear], dict[str, ActQuantizer]]:
+    """Quantize unit by unit in execution order: calibrate the unit's activation quantizers,
+    then compress its weights (GPTQ on Hessians of the inputs the layer gets, quantized
+    units before it included). Returns (packed weights, activation quantizers)."""
+    acts = {n: b for n, b in plan.acts.items() if b is not None}
+    if (acts or getattr(compressor, "needs_stats", True)) and not batches:
+        raise QuantkitError("activation quantization and data-driven compressors need "
+                            "calibration images: real ones, or --calib zeroq | genie")
+    quantizers = attach_input_quantizers(model, acts)
+    packed = {}
+    for unit in tqdm(plan.units or [""], desc="units", disable=not progress):
+        stop = model.get_submodule(unit) if unit else None
+        names = [n for n in unit_layers(unit, plan.order) if n in plan.weights]
+        mine = {n: quantizers[n] for n in names if n in quantizers}
+        if mine:
+            calibrate_activations(model, mine, batches, stop)
+        stats = (layer_hessians(model, names, batches, stop)
+                 if getattr(compressor, "needs_stats", True) else {})
+        for n in names:
+            packed[n] = compress_layer(model.get_submodule(n), compressor, stats.get(n),
+                                       plan.weights[n])
+    return packed, quantizers

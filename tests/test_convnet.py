@@ -1,0 +1,278 @@
+"""Image classifiers: discovery, BN folding, conv GPTQ, activation quantization, distillation
+(ZeroQ, Genie-D, swing conv) and Genie-M, on tiny HF models built here."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from quantkit import registry
+from quantkit.calib.bnstats import BNStatLoss, SwingConvs, swing
+from quantkit.calib.distill import distill
+from quantkit.errors import QuantkitError
+from quantkit.image import quantize_image_model
+from quantkit.model.convnet import batchnorms, fold_batchnorm, trace, unfold_input, unit_layers, units
+from quantkit.quant.act import ActQuantizer, attach_input_quantizers, fake_quant, mse_scale, qrange
+from quantkit.quant.convnet import compress_layer, default_plan, layer_hessians, quantize_convnet
+from quantkit.quant.genie_m import GenieMConfig, SoftWeight, capture, genie_m, init_scale
+from quantkit.stats.hessian import proxy_loss
+from quantkit.types import QSpec
+
+
+def smooth(n, c=1, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, size, size, generator=g).cumsum(-1).cumsum(-2) / size
+
+
+def resnet(channels=1, depths=(1, 1), size=16, seed=0):
+    """A tiny HF ResNet whose BN running statistics are those of smooth random images."""
+    torch.manual_seed(seed)
+    cfg = transformers.ResNetConfig(num_channels=channels, embedding_size=8, hidden_sizes=[8, 16],
+                                    depths=list(depths), layer_type="basic", num_labels=10,
+                                    image_size=size)
+    m = transformers.ResNetForImageClassification(cfg).train()
+    with torch.no_grad():
+        for i in range(30):
+            m(smooth(32, channels, size, seed=100 + i))
+    return m.eval()
+
+
+def mobilenet():
+    torch.manual_seed(0)
+    cfg = transformers.MobileNetV2Config(num_channels=3, image_size=16, depth_multiplier=0.35,
+                                         num_labels=10)
+    m = transformers.MobileNetV2ForImageClassification(cfg).train()
+    with torch.no_grad():
+        for i in range(10):
+            m(smooth(16, 3, 16, seed=i))
+    return m.eval()
+
+
+def test_trace_pairs_every_conv_with_its_bn_and_folding_is_exact():
+    m = resnet(depths=(2, 1))
+    x = smooth(4, seed=9)
+    tr = trace(m, x)
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert sorted(tr.bn_of) == sorted(convs)            # every HF ResNet conv feeds a BN
+    assert all(b.endswith("normalization") for b in tr.bn_of.values())
+    assert tr.order[-1] == "classifier.1" and tr.order[0] == "resnet.embedder.embedder.convolution"
+    ref = m(x).logits
+    folded = fold_batchnorm(m, tr)
+    assert len(folded) == len(convs) and not batchnorms(m)
+    torch.testing.assert_close(m(x).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_units_are_blocks_in_order_and_cover_every_layer_once():
+    m = resnet(depths=(2, 2))
+    tr = trace(m, smooth(2))
+    us = units(m, tr.order)
+    assert us == ["resnet.embedder", "resnet.encoder.stages.0.layers.0",
+                  "resnet.encoder.stages.0.layers.1", "resnet.encoder.stages.1.layers.0",
+                  "resnet.encoder.stages.1.layers.1", "classifier"]
+    covered = [n for u in us for n in unit_layers(u, tr.order)]
+    assert sorted(covered) == sorted(tr.order) and len(covered) == len(set(covered))
+
+
+def test_mobilenet_v2_tf_padding_and_depthwise_convs_survive_quantization():
+    m = mobilenet()
+    x = smooth(4, 3, 16, seed=3)
+    ref = m(x).logits.detach()
+    tr = trace(m, x)
+    assert any(m.get_submodule(n).groups > 1 for n in tr.order)        # depthwise found
+    fold_batchnorm(m, tr)
+    hooked = copy.deepcopy(m)
+    attach_input_quantizers(hooked, {n: 8 for n in tr.order})        # not calibrated: identity
+    assert all(isinstance(hooked.get_submodule(n), nn.Conv2d) for n in tr.order[:-1])
+    torch.testing.assert_close(hooked(x).logits, m(x).logits)
+    errs = {}
+    for bits in (8, 4):
+        q = copy.deepcopy(m)
+        plan = default_plan(tr.order, bits, bits, edge_bits=bits)
+        plan.units = units(q, tr.order)
+        quantize_convnet(q, plan, registry.get("compressor", "gptq"), [smooth(16, 3, 16, seed=5)], False)
+        out = q(x).logits.detach()
+        assert out.shape == ref.shape
+        errs[bits] = float((out - ref).pow(2).mean() / ref.pow(2).mean())
+    assert errs[8] < 0.5 * errs[4]       # a random-init MobileNet is chaotic: no absolute floor
+
+
+def test_w8a8_is_near_lossless_and_w4a4_is_not_on_a_resnet():
+    m = resnet()
+    x = smooth(16, seed=3)
+    tr = trace(m, x)
+    fold_batchnorm(m, tr)
+    ref = m(x).logits.detach()
+    errs = {}
+    for bits in (8, 4):
+        q = copy.deepcopy(m)
+        plan = default_plan(tr.order, bits, bits, edge_bits=bits)
+        plan.units = units(q, tr.order)
+        _, quantizers = quantize_convnet(q, plan, registry.get("compressor", "rtn"), [smooth(64, seed=5)], False)
+        assert all(qz.enabled for qz in quantizers.values()) and len(quantizers) == len(tr.order) - 1
+        errs[bits] = float((q(x).logits - ref).pow(2).mean() / ref.pow(2).mean())
+    assert errs[8] < 1e-3 < 1e-2 < errs[4]
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_unfolded_inputs_reproduce_the_conv(groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups)
+    x = torch.randn(2, 8, 9, 9)
+    cols = unfold_input(conv, x)                          # [groups, positions, k]
+    W = conv.weight.reshape(groups, 16 // groups, -1)
+    y = torch.einsum("gok,gpk->gpo", W, cols)             # positions are (batch, y, x)
+    ref = (conv(x) - conv.bias.view(1, -1, 1, 1)).reshape(2, groups, 16 // groups, -1)
+    torch.testing.assert_close(y.reshape(groups, 2, -1, 16 // groups).permute(1, 0, 3, 2),
+                               ref, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_conv_gptq_uses_each_groups_hessian_and_beats_rtn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4))
+    batches = [smooth(32, 4, 8, seed=1)]
+    stats = layer_hessians(model, ["2"], batches)["2"]
+    assert len(stats) == 4 and stats[0].H.shape == (18, 18)
+    spec = QSpec(bits=3, group_size=-1, act_order=True, mse=False)
+    W = model[2].weight.detach().reshape(8, -1).clone()
+    losses = {}
+    for name in ("rtn", "gptq"):
+        m = copy.deepcopy(model)
+        p = compress_layer(m[2], registry.get("compressor", name), stats, spec)
+        assert p.shape == (8, 18)
+        Q = p.dequantize()
+        torch.testing.assert_close(m[2].weight.reshape(8, -1), Q)
+        losses[name] = [proxy_loss(W[2 * g:2 * g + 2] - Q[2 * g:2 * g + 2], stats[g].H) for g in range(4)]
+    assert sum(losses["gptq"]) < 0.9 * sum(losses["rtn"])
+    # each group's Hessian is the mean outer product of its own 2 input channels' 3x3 patches
+    x = torch.relu(model[0](batches[0]))
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 4, 18)
+    for g in range(4):
+        torch.testing.assert_close(stats[g].H, patches[:, g].T @ patches[:, g] / len(patches),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_activation_codes_are_integers_in_range_and_unsigned_after_relu():
+    x = torch.relu(torch.randn(10000))
+    q = ActQuantizer(4)
+    q.calibrate(x)
+    assert not q.signed
+    codes = (q(x) / q.scale).round()
+    assert torch.equal(q(x), codes * q.scale) and codes.min() >= 0 and codes.max() <= 15
+    s = mse_scale(x, 4, False)
+    assert float((x - fake_quant(x, s, 4, False)).pow(2).mean()) <= \
+        float((x - fake_quant(x, x.max() / 15, 4, False)).pow(2).mean())
+    assert qrange(4, True) == (-8, 7) and qrange(8, False) == (0, 255)
+
+
+def test_simulated_w8a8_conv_is_integer_arithmetic():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    x = torch.relu(torch.randn(2, 3, 6, 6))
+    p = compress_layer(conv, registry.get("compressor", "rtn"), None, QSpec(8, -1, act_order=False, mse=False))
+    codes, scales, zeros = p.tensors["qweight"], p.tensors["scales"].float(), None
+    del codes, zeros
+    s_x = mse_scale(x, 8, False)
+    xq = fake_quant(x, s_x, 8, False)
+    y = conv(xq)
+    # the same through integers: x = s_x·ix, w = s_w·(iw − z) per output channel
+    W = conv.weight.detach().reshape(4, -1).double()
+    iw_minus_z = (W / scales.double()).round()
+    assert torch.allclose(iw_minus_z * scales.double(), W, atol=1e-9)
+    ix = (xq.double() / s_x.double()).round()
+    yi = F.conv2d(ix, iw_minus_z.reshape(conv.weight.shape)) * (s_x.double() * scales.double().view(1, -1, 1, 1))
+    torch.testing.assert_close(y.double(), yi, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["zeroq", "genie"])
+def test_distillation_lowers_the_bn_statistics_loss_tenfold(method):
+    m = resnet()
+    hist = []
+    opts = dict(iterations=150, batch_size=16) if method == "zeroq" else \
+        dict(iterations=150, batch_size=16, width=16)
+    x = distill(m, method, n=16, seed=0, progress=False, history=hist, **opts)
+    assert x.shape == (16, 1, 16, 16) and torch.isfinite(x).all()
+    first, last = hist[0]
+    assert last * 10 <= first
+    assert all(not p.requires_grad or p.grad is None for p in m.parameters())   # model untouched
+    assert not m.training
+
+
+def test_swing_preserves_shapes_and_is_the_plain_conv_at_zero_offset():
+    x = torch.randn(2, 3, 7, 7)
+    assert torch.equal(swing(x, 0, 0), x)
+    assert swing(x, 1, -1).shape == x.shape
+    # a shift by one: interior pixels move, the border is reflected
+    assert torch.equal(swing(x, 1, 0)[..., :-1, :], x[..., 1:, :])
+    assert torch.equal(swing(x, -1, 0)[..., 0, :], x[..., 1, :])
+    m = resnet()
+    ref = m(smooth(2)).logits
+    with SwingConvs(m, torch.Generator().manual_seed(0)) as s:
+        assert s.convs and all(max(c.stride) > 1 for c in s.convs)
+    torch.testing.assert_close(m(smooth(2)).logits, ref)      # hooks gone after the context
+
+
+def test_genie_m_codes_are_integers_within_one_step_of_rtn():
+    torch.manual_seed(0)
+    W = torch.randn(6, 3, 3, 3)
+    sw = SoftWeight(W, 4, 2.4)
+    with torch.no_grad():
+        sw.V.normal_(0, 3)                       # any soft state: hard codes stay legal
+        sw.scale.mul_(1.1)
+    p = sw.packed()
+    codes = sw.codes(True)
+    assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 15
+    s0, z = init_scale(W.reshape(6, -1), 4, 2.4)
+    rtn = torch.clamp(torch.round(W.reshape(6, -1) / s0[:, None]) + z[:, None], 0, 15)
+    assert (codes - rtn).abs().max() <= 1
+    torch.testing.assert_close(p.dequantize(), (codes - sw.zero) * sw.scale.detach().half().float())
+
+
+def test_init_scale_is_the_grid_optimum():
+    torch.manual_seed(1)
+    W = torch.randn(3, 20)
+    s, z = init_scale(W, 3, 2.4)
+    for r in range(3):
+        def err(s_, z_):
+            return float((W[r] - (torch.clamp(torch.round(W[r] / s_) + z_, 0, 7) - z_) * s_).abs().pow(2.4).sum())
+        lo, hi = min(float(W[r].min()), 0), max(float(W[r].max()), 0)
+        grid = [((hi - lo) * c / 7, round(-lo * c / ((hi - lo) * c / 7))) for c in torch.linspace(1, 0.2, 100).tolist()]
+        assert err(float(s[r]), float(z[r])) <= min(err(a, b) for a, b in grid) + 1e-5
+
+
+def test_genie_m_reconstruction_beats_its_own_start_and_stores_what_runs():
+    m = resnet()
+    x = smooth(48, seed=7)
+    tr = trace(m, x[:2])
+    fold_batchnorm(m, tr)
+    fp = copy.deepcopy(m)
+    plan = default_plan(tr.order, 3, 4)
+    plan.units = units(m, tr.order)
+    cold = copy.deepcopy(m)
+    genie_m(cold, plan, [x], GenieMConfig(iterations=0), progress=False)
+    warm = copy.deepcopy(m)
+    packed, quantizers = genie_m(warm, plan, [x], GenieMConfig(iterations=200), progress=False)
+    ref = fp(x).logits
+
+    def err(model):
+        return float((model(x).logits - ref).pow(2).mean())
+    assert err(warm) < 0.7 * err(cold)
+    for n, p in packed.items():
+        torch.testing.assert_close(warm.get_submodule(n).weight.reshape(p.shape), p.dequantize())
+    assert set(quantizers) == set(tr.order[1:])                 # the image itself stays fp
+    _, y = capture(warm, warm.get_submodule("classifier"), [x])
+    torch.testing.assert_close(y, warm(x).logits)
+
+
+def test_data_free_needs_batchnorm_and_image_errors_are_clear():
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    plain(torch.randn(1, 3, 8, 8))
+    with pytest.raises(QuantkitError, match="no BatchNorm2d"):
+        BNStatLoss(plain, per_image=True)
+    with pytest.raises(QuantkitError, match="no BatchNorm2d"):
+        quantize_image_model(plain, "zeroq", progress=False)
+    with pytest.raises(QuantkitError, match="--calib 'imagenet'"):
+        quantize_image_model(resnet(), "imagenet", progress=False)
+    with pytest.raises(QuantkitError, match="not available"):
+        quantize_image_model(resnet(), smooth(4), method="nupes", progress=False)
