@@ -42,7 +42,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", help="N:M sparsity pattern for --prune (default 2:4)")
     p.add_argument("--calib-dataset", help="calibration corpus: mix (default: six domains), a bundled "
                                           "domain, fold-a | fold-b, a,b,... or a text file")
-    p.add_argument("--n-samples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--calib", dest="calib_dataset", help="image models: zeroq | genie (synthetic, no data), "
+                   "real (the testbed's images) or imagefolder:PATH")
+    p.add_argument("--n-samples", type=int, help="calibration windows (default 128); images for image models")
     p.add_argument("--calib-seqlen", type=int, help="calibration window length (default 512)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu (default) or cuda")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="override the recipe's model (PATH_OR_HUB_ID)")
     q.add_argument("--method", help="rtn | gptq | gptq-baq | rsq | nupes | nupes-df | nupes-ste | llm-int8")
     q.add_argument("--bits", type=_bits)
+    q.add_argument("--act-bits", type=int, help="image models: quantize every layer's input to this width")
     q.add_argument("--group-size", type=int, help="-1 for one group per output row")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
@@ -126,13 +129,15 @@ def _write_json(path: str | None, data: dict) -> None:
 def cmd_quantize(a) -> dict:
     import quantkit
     from evals.data import domains, load_text
+    from quantkit.image_run import is_image_source
     from quantkit.recipe import load_recipe
     r = load_recipe(a.target)
     if a.cmd == "prune":
         r = r.with_overrides(prune=a.method, bits=16, **{"armor.block_size": a.block_size,
                                                           "armor.iters": a.iters})
     else:
-        r = r.with_overrides(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym,
+        r = r.with_overrides(method=a.method, bits=a.bits, act_bits=a.act_bits,
+                             group_size=a.group_size, sym=a.sym,
                              act_order=a.act_order, alloc=a.alloc, bit_options=a.bit_options,
                              tie_fused=a.tie_fused, sensitivity=a.sensitivity, report=a.report,
                              prune=a.prune)
@@ -144,6 +149,8 @@ def cmd_quantize(a) -> dict:
                                              "eval.max_windows": a.max_windows})
     name = Path(a.target).stem if a.model is None else Path(r.model).name
     r = r.with_overrides(out=a.out or f"out/{name}-{_run_name(r)}")
+    if is_image_source(r.model):
+        return _quantize_image(r, a)
     texts = [load_text(d, "eval") for d in domains(r.eval.dataset)] if a.eval else None  # fail early
     rep = quantkit.quantize(r)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
@@ -167,8 +174,35 @@ def cmd_quantize(a) -> dict:
     return summary
 
 
+def _quantize_image(r, a) -> dict:
+    import quantkit
+    from quantkit.image_run import evaluate_image
+    rep = quantkit.quantize(r)
+    summary = rep.to_dict()
+    print(f"quantized {rep.n_layers} layers of {r.model} with {rep.method} (W{rep.bits}"
+          f"{'' if rep.act_bits is None else f'A{rep.act_bits}'}, calibration: {rep.calib}) in "
+          f"{rep.seconds:.1f}s ({rep.calib_seconds:.1f}s of it calibration data): "
+          f"{rep.bits_per_weight:.3f} bits/weight, {rep.size_bytes / 2**20:.2f} MiB -> {r.out}")
+    if a.eval:
+        summary["eval"] = evaluate_image(r.out, a.eval_dataset)
+        _print_image_eval(summary["eval"])
+    return summary
+
+
+def _print_image_eval(res: dict) -> None:
+    parts = [f"{k} {res[k]:.4f}" for k in ("top1", "top5", "agreement_top1", "agreement_top5", "kl")
+             if k in res]
+    fp = res.get("fp32")
+    print(f"{res['target']}: {', '.join(parts)} on {res['images']} images ({res['dataset']})"
+          + (f"; fp32 top1 {fp['top1']:.4f}, top5 {fp['top5']:.4f}" if fp else ""))
+
+
 def _run_name(r) -> str:
-    """Default output name: w4-g128-gptq[-ip], 2:4-armor, 2:4-armor-w4-g128."""
+    """Default output name: w4-g128-gptq[-ip], 2:4-armor, 2:4-armor-w4-g128; images w4a8-rtn-zeroq."""
+    from quantkit.image_run import is_image_source
+    if r.act_bits is not None or is_image_source(r.model):
+        act = "" if r.act_bits is None else f"a{r.act_bits}"
+        return f"w{r.bits}{act}-{r.method}-{r.calib.dataset.split(':')[0]}"
     quant = f"w{r.bits}-g{r.group_size}"
     if r.prune is not None:
         return f"{r.pattern.replace(':', '')}-{r.prune}" + ("" if r.bits == 16 else f"-{quant}")
@@ -179,7 +213,12 @@ def cmd_eval(a) -> dict:
     """One corpus or file: its perplexity. No --dataset or a composite (mix, fold-a, a,b): the
     suite, every domain as a ratio to the fp32 original and the geometric mean."""
     from quantkit.evaluate import evaluate_target
+    from quantkit.image_run import evaluate_image, is_image_checkpoint, is_image_source
     from quantkit.pipeline import check_device
+    if is_image_checkpoint(a.target) or is_image_source(a.target):
+        res = evaluate_image(a.target, a.dataset)
+        _print_image_eval(res)
+        return res
     res = evaluate_target(a.target, a.dataset, a.seqlen, a.max_windows,
                           str(check_device(a.device or "cpu")), a.kernel)
     if res.pop("suite", False):

@@ -8,6 +8,7 @@ from quantkit.errors import QuantkitError
 from quantkit.recipe import CalibConfig, EvalConfig, Recipe
 from quantkit.types import LayerStats, QSpec
 from quantkit.nn.hf import register as _register_with_transformers
+from quantkit import calib  # noqa: F401  (quantkit.calib.distill)
 
 _register_with_transformers()
 
@@ -21,9 +22,14 @@ def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = Tr
     name for a string model, Recipe() defaults otherwise). calib: calibration text (a string or
     a list of them) or token ids [n, seqlen], instead of the recipe's dataset. overrides: recipe
     fields, e.g. bits=3, method="rsq", alloc="ip", **{"calib.n_samples": 64}.
+    An image classifier with BatchNorm (a module, a testbed name such as "resnet", or an
+    image-classification checkpoint) takes calib= a float tensor of model inputs, or "zeroq" /
+    "genie" (synthetic from its BN statistics), and act_bits= for activation quantization.
 
         report = quantkit.quantize(model, tokenizer, bits=4, method="gptq", calib=texts)
         report.save("out/model-w4")
+        images = quantkit.calib.distill(cnn, method="genie", n=1024)
+        report = quantkit.quantize(cnn, calib=images, bits=4, act_bits=4, method="genie-m")
     """
     from torch import nn
     from quantkit.pipeline import run
@@ -64,7 +70,11 @@ def __getattr__(name: str):
 
 
 def load(path, device: str = "cpu", kernel: str = "auto", dtype=None, keep_packed: bool = False):
-    """Load a quantkit checkpoint as a transformers model with QuantLinear layers (see serve.load)."""
+    """Load a quantkit checkpoint as a transformers model with QuantLinear layers (see serve.load);
+    an image-model checkpoint as its fake-quantized model (image_run.load_image_checkpoint)."""
+    from quantkit.image_run import is_image_checkpoint, load_image_checkpoint
+    if is_image_checkpoint(os.fspath(path)):
+        return load_image_checkpoint(os.fspath(path), "reference" if kernel == "reference" else "auto")[0]
     from quantkit.serve import load as _load
     return _load(path, device, kernel, dtype, keep_packed)
 

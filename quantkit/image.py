@@ -11,23 +11,29 @@ import json
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from quantkit import registry
-from quantkit.calib.distill import distill
+from quantkit.calib.synthetic import distill
 from quantkit.errors import QuantkitError
 from quantkit.formats.io import atomic_dir
+from quantkit.alloc import ip, pareto  # noqa: F401  (they register themselves)
+from quantkit.alloc.table import CostTable
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.convnet import fold_batchnorm, trace, units
 from quantkit.quant import genie_m, gptq, rtn  # noqa: F401  (they register themselves)
 from quantkit.quant.act import ActQuantizer
-from quantkit.quant.convnet import default_plan, quantize_convnet
+from quantkit.quant.convnet import compress_layer, default_plan, quantize_convnet
 from quantkit.recipe import build_config
+from quantkit.types import QSpec
 from quantkit.version import __version__
+
+CHECKPOINT_FILE = "quantkit_image.json"
+WEIGHTS_FILE = "quantized.safetensors"
 
 
 @dataclass
@@ -35,20 +41,26 @@ class ImageReport:
     """What an image-model run gives back; `model` is the quantized (fake-quant) model."""
     method: str
     calib: str
-    bits: int
+    bits: float
     act_bits: int | None
     seconds: float
     calib_seconds: float
     bits_per_weight: float
     n_layers: int
     settings: dict = field(default_factory=dict)
+    original_size_bytes: int = 0        # fp32 parameters of the original model
+    size_bytes: int = 0                 # saved checkpoint (0 until saved)
+    out: str | None = None
+    source: str = ""                    # what to rebuild the architecture from when loading
+    recipe: dict = field(default_factory=dict, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
     packed: dict[str, PackedLinear] = field(default_factory=dict, repr=False)
     quantizers: dict[str, ActQuantizer] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         keys = ("method", "calib", "bits", "act_bits", "seconds", "calib_seconds",
-                "bits_per_weight", "n_layers", "settings")
+                "bits_per_weight", "n_layers", "settings", "original_size_bytes", "size_bytes",
+                "out", "source")
         return {k: getattr(self, k) for k in keys}
 
     def save(self, out: str | Path) -> "ImageReport":
@@ -61,12 +73,15 @@ class ImageReport:
         layers = {n: {"format": p.format, "shape": list(p.shape), "meta": p.meta}
                   for n, p in self.packed.items()}
         acts = {n: {"bits": q.bits, "signed": q.signed} for n, q in self.quantizers.items()}
+        self.out = str(out)
         with atomic_dir(out) as tmp:
-            save_file(tensors, str(tmp / "quantized.safetensors"))
-            (tmp / "quantkit_image.json").write_text(json.dumps(
-                {"layers": layers, "activations": acts, "run": self.to_dict(),
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / CHECKPOINT_FILE).write_text(json.dumps(
+                {"source": self.source, "layers": layers, "activations": acts,
+                 "run": self.to_dict(), "recipe": self.recipe,
                  "versions": {"quantkit": __version__, "torch": torch.__version__,
                               "python": platform.python_version()}}, indent=2, default=str))
+            self.size_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
         return self
 
 
@@ -85,14 +100,47 @@ def calibration_images(model: nn.Module, calib: Tensor | str, n: int, seed: int,
     return distill(model, calib, n, seed, progress=progress, **(options or {}))
 
 
-def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: int = 4,
+@torch.no_grad()
+def kl_table(model: nn.Module, layers: list[str], options: list[int], x: Tensor,
+             batch_size: int = 64) -> CostTable:
+    """ZeroQ's sensitivity: cost[l, o] = mean KL(M(x) ‖ M with only layer l's weights RTN-
+    quantized at options[o] bits, per output channel); size = weights x bits + scale/zero."""
+    def log_probs(m: nn.Module) -> Tensor:
+        out = [_logits(m(b)) for b in x.split(batch_size)]
+        return torch.log_softmax(torch.cat(out).float(), -1)
+    ref = log_probs(model)
+    rtn = registry.get("compressor", "rtn")
+    cost = torch.zeros(len(layers), len(options), dtype=torch.float64)
+    size = torch.zeros_like(cost)
+    for i, name in enumerate(layers):
+        mod = model.get_submodule(name)
+        keep = mod.weight.detach().clone()
+        for j, b in enumerate(options):
+            p = compress_layer(mod, rtn, None, QSpec(b, -1, act_order=False, mse=False))
+            lq = log_probs(model)
+            cost[i, j] = float((ref.exp() * (ref - lq)).sum(-1).mean())
+            size[i, j] = p.storage_bits()
+            mod.weight.copy_(keep)
+    weights = torch.tensor([float(model.get_submodule(n).weight.numel()) for n in layers],
+                           dtype=torch.float64)
+    return CostTable(layers, [QSpec(b, -1) for b in options], cost, size, weights)
+
+
+def _logits(out) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                          act_bits: int | None = 8, method: str = "rtn", n_calib: int = 256,
                          edge_bits: int = 8, batch_size: int = 64, seed: int = 0,
                          calib_options: dict | None = None, method_options: dict | None = None,
+                         alloc: str = "uniform", bit_options: list[int] = (2, 4, 8),
                          progress: bool = True) -> ImageReport:
     """Quantize `model` in place: weights at `bits` per output channel (first and last layer at
     edge_bits), each layer's input at act_bits (None: weight-only), by `method`: a compressor
-    (rtn, gptq) or a reconstruction method (genie-m)."""
+    (rtn, gptq) or a reconstruction method (genie-m). alloc (pareto | ip | baq): mixed precision,
+    `bits` is then the average over the middle layers, priced by ZeroQ's KL sensitivity on the
+    calibration images."""
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
@@ -101,14 +149,24 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: int = 4,
         raise QuantkitError(f"image models: --method {method!r} is not available; use rtn | gptq | "
                             + " | ".join(registry.names("reconstruction")))
     model.eval()
+    original = sum(p.numel() * 4 for p in model.parameters())
     x = calibration_images(model, calib, n_calib, seed, calib_options, progress)
     calib_seconds = time.time() - t0
     tr = trace(model, x[:2])
     if not tr.order:
         raise QuantkitError(f"{type(model).__name__}: no Conv2d or Linear layer ran in the forward")
     fold_batchnorm(model, tr)
-    plan = default_plan(tr.order, bits, act_bits, edge_bits)
+    plan = default_plan(tr.order, int(bits) if alloc == "uniform" else edge_bits, act_bits, edge_bits)
     plan.units = units(model, tr.order)
+    choice = {}
+    if alloc != "uniform":
+        table = kl_table(model, tr.order[1:-1], list(bit_options), x, batch_size)
+        table.check_feasible(bits)
+        picked = registry.get("allocator", alloc)(table, bits)
+        choice = {n: int(table.options[int(o)].bits) for n, o in zip(table.layers, picked)}
+        plan.weights.update({n: replace(plan.weights[n], bits=b) for n, b in choice.items()})
+    elif bits != int(bits):
+        raise QuantkitError(f"--bits {bits}: a fractional budget needs --alloc pareto | ip | baq")
     batches = list(x.split(batch_size))
     if recon:
         hooks = registry.hooks("reconstruction", method)
@@ -124,7 +182,8 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: int = 4,
                        bits=bits, act_bits=act_bits, seconds=time.time() - t0,
                        calib_seconds=calib_seconds, bits_per_weight=bpw, n_layers=len(packed),
                        settings={"n_calib": len(x), "edge_bits": edge_bits, "seed": seed,
+                                 "alloc": alloc, "layer_bits": choice,
                                  "calib_options": calib_options or {},
                                  "method_options": method_options or {}},
-                       model=model, packed=packed, quantizers=quantizers)
+                       original_size_bytes=original, model=model, packed=packed, quantizers=quantizers)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import quantkit.alloc
+import quantkit.image_run  # noqa: F401  (registers the image-model runner)
 import quantkit.prune
 import quantkit.quant
 import quantkit.stats
@@ -108,6 +109,10 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
     them, drawn into the recipe's windows) or token ids [n, seqlen] (used as they are) instead
     of the recipe's calibration dataset.
     """
+    for name in registry.names("runner"):      # another model kind (image classifiers) claims it
+        runner = registry.get("runner", name)
+        if runner.claims(recipe, model):
+            return runner(recipe, progress, model=model, calib=calib)
     t0 = time.time()
     _check(recipe, model)
     compressor, hooks = method(recipe)
@@ -148,6 +153,10 @@ def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
     """Every check that needs no calibration, before anything is loaded (`model`: the
     in-memory model the run was given, whose shapes the budget check reads)."""
     mixed = _uses_table(recipe.alloc)
+    if recipe.act_bits is not None:
+        raise QuantkitError(f"--act-bits: the language-model methods are weight-only ({recipe.method}"
+                            " keeps activations in floating point); activation quantization is for "
+                            "image models (quantkit quantize resnet --act-bits 8)")
     if recipe.report and not mixed:
         raise QuantkitError("--report describes a bit allocation: use it with --alloc "
                             + " | ".join(_table_allocators()))

@@ -34,6 +34,7 @@ class Recipe:
     model: str = "smollm2-135m"
     method: str = "gptq"
     bits: float = 4                 # uniform: the bit width; otherwise the average budget
+    act_bits: int | None = None     # image models: each layer's input at this width (None: fp)
     bit_options: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8])  # or "BITS:GROUP"
     sensitivity: str = "hessian"    # hessian | fisher | trace | kl: how the cost table prices errors
     group_size: int = 128

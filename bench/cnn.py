@@ -1,0 +1,105 @@
+"""Image models, W8A8 / W4A8 / W4A4, calibrated on real images, ZeroQ images or Genie images,
+each with plain rounding (RTN or GPTQ with calibrated activation ranges) and with Genie-M.
+
+    python bench/cnn.py --testbed resnet            # Fashion-MNIST ResNet: true top-1
+    python bench/cnn.py --testbed efficientnet-lite0 # ImageNet weights: top-1 agreement with fp32
+
+Writes bench/results/cnn.json (rows keyed testbed/calib/wXaY/method), merged over earlier rows.
+Distillation is run once per testbed and data source and reused by every row; its seconds per
+256 images are recorded, and each data-free row's total time (distillation + quantization).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.results_io import default_path, save_rows  # noqa: E402
+from evals.classify import agreement, logits, topk_accuracy  # noqa: E402
+from evals.testbeds import TESTBEDS  # noqa: E402
+from quantkit.calib.synthetic import distill  # noqa: E402
+from quantkit.image import quantize_image_model  # noqa: E402
+
+CONFIGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+
+
+def measure(model, fp_logits, x, labels, pre) -> dict:
+    out = logits(model, x, pre)
+    res = agreement(out, fp_logits)
+    if labels is not None:
+        res.update(topk_accuracy(out, labels))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--testbed", default="resnet", choices=sorted(TESTBEDS))
+    ap.add_argument("--n-calib", type=int, default=512)
+    ap.add_argument("--calibs", default="real,zeroq,genie")
+    ap.add_argument("--configs", default="w8a8,w4a8,w4a4")
+    ap.add_argument("--methods", default="gptq,genie-m")
+    ap.add_argument("--zeroq-iters", type=int, default=500)
+    ap.add_argument("--genie-iters", type=int, default=200)
+    ap.add_argument("--genie-m-iters", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=128, help="distillation batch")
+    ap.add_argument("--eval-max", type=int, default=None, help="first N eval images only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(default_path(__file__)))
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    bed = TESTBEDS[a.testbed]
+    fp, pre = bed["load"]()
+    fp.eval()
+    x_eval, labels = bed["eval_data"]()
+    if a.eval_max:
+        x_eval = x_eval[:a.eval_max]
+        labels = None if labels is None else labels[:a.eval_max]
+    fp_logits = logits(fp, x_eval, pre)
+    rows = {f"{a.testbed}/fp32": {**({} if labels is None else topk_accuracy(fp_logits, labels)),
+                                  "images": len(x_eval)}}
+    print(rows)
+    data, distill_s = {}, {}
+    for c in a.calibs.split(","):
+        t = time.time()
+        if c == "real":
+            data[c] = pre(bed["calib_data"](a.n_calib, a.seed + 1))
+        else:
+            iters = a.zeroq_iters if c == "zeroq" else a.genie_iters
+            hist = []
+            data[c] = distill(fp, c, a.n_calib, seed=a.seed, history=hist, iterations=iters,
+                              batch_size=a.batch)
+            distill_s[c] = time.time() - t
+            rows[f"{a.testbed}/distill/{c}"] = {
+                "seconds": distill_s[c], "seconds_per_256": distill_s[c] * 256 / a.n_calib,
+                "iterations": iters, "batch": a.batch, "n": a.n_calib,
+                "loss_first_last": hist, "finite": bool(torch.isfinite(data[c]).all())}
+            print(c, rows[f"{a.testbed}/distill/{c}"])
+    for cfg in a.configs.split(","):
+        w, act = CONFIGS[cfg]
+        for c, x in data.items():
+            for meth in a.methods.split(","):
+                model = copy.deepcopy(fp)
+                opts = {"iterations": a.genie_m_iters} if meth == "genie-m" else None
+                rep = quantize_image_model(model, x, bits=w, act_bits=act, method=meth,
+                                           n_calib=len(x), seed=a.seed, method_options=opts,
+                                           progress=False)
+                res = measure(model, fp_logits, x_eval, labels, pre)
+                res.update(quantize_seconds=rep.seconds, bits_per_weight=rep.bits_per_weight,
+                           total_seconds=rep.seconds + distill_s.get(c, 0.0),
+                           genie_m_iterations=a.genie_m_iters if meth == "genie-m" else None)
+                key = f"{a.testbed}/{c}/{cfg}/{meth}"
+                rows[key] = res
+                print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},
+                      flush=True)
+                save_rows(a.out, rows, __file__)
+    save_rows(a.out, rows, __file__)
+
+
+if __name__ == "__main__":
+    main()
