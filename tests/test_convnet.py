@@ -10,7 +10,7 @@ from torch import nn
 
 from quantkit import registry
 from quantkit.calib.bnstats import BNStatLoss, SwingConvs, swing
-from quantkit.calib.distill import distill
+from quantkit.calib.synthetic import distill
 from quantkit.errors import QuantkitError
 from quantkit.image import quantize_image_model
 from quantkit.model.convnet import batchnorms, fold_batchnorm, trace, unfold_input, unit_layers, units
@@ -226,6 +226,9 @@ def test_genie_m_codes_are_integers_within_one_step_of_rtn():
     s0, z = init_scale(W.reshape(6, -1), 4, 2.4)
     rtn = torch.clamp(torch.round(W.reshape(6, -1) / s0[:, None]) + z[:, None], 0, 15)
     assert (codes - rtn).abs().max() <= 1
+    # hard rounding goes up exactly where the soft rounding is past one half
+    up = (sw.h() >= 0.5).float()
+    assert torch.equal(codes, torch.clamp(sw.base + up + sw.zero, 0, 15)) and 0 < up.mean() < 1
     torch.testing.assert_close(p.dequantize(), (codes - sw.zero) * sw.scale.detach().half().float())
 
 
