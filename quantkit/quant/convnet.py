@@ -19,7 +19,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear, int_parts, make_int
 from quantkit.model.convnet import groups, unfold_input, unit_layers, weight_2d
 from quantkit.quant.act import ActQuantizer, attach_input_quantizers
-from quantkit.stats.hessian import HessianAccumulator
+from quantkit.stats.hessian import GroupedHessian
 from quantkit.types import LayerStats, QSpec
 
 
@@ -72,25 +72,21 @@ def layer_hessians(model: nn.Module, names: list[str], batches: list[Tensor],
                    stop_after: nn.Module | None = None) -> dict[str, list[LayerStats]]:
     """Per layer, one LayerStats per conv group, from the inputs the layer actually receives
     (after its input quantizer)."""
-    accs: dict[str, list[HessianAccumulator]] = {}
+    accs: dict[str, GroupedHessian] = {}
     handles = []
     for name in names:
         mod = model.get_submodule(name)
-        k = weight_2d(mod).shape[1]
-        accs[name] = [HessianAccumulator(k) for _ in range(groups(mod))]
+        accs[name] = GroupedHessian(groups(mod), weight_2d(mod).shape[1])
 
-        def hook(m, args, name=name):
-            x = m.input_quantizer(args[0]) if hasattr(m, "input_quantizer") else args[0]
-            cols = unfold_input(m, x.float())
-            for g, acc in enumerate(accs[name]):
-                acc.add(cols[g])
+        def hook(m, args, name=name):          # runs after the input quantizer's own pre-hook
+            accs[name].add(unfold_input(m, args[0].float()))
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run_batches(model, batches, stop_after)
     finally:
         for h in handles:
             h.remove()
-    return {n: [a.finalize() for a in acc] for n, acc in accs.items()}
+    return {n: acc.finalize() for n, acc in accs.items()}
 
 
 def compress_layer(mod: nn.Module, compressor, stats: list[LayerStats] | None,

@@ -61,6 +61,28 @@ class HessianAccumulator:
         return LayerStats(H=self.sum / self.weight, n=self.n, act_absmax=self.absmax, cross=cross)
 
 
+class GroupedHessian:
+    """One H per group of a grouped (e.g. depthwise) conv, accumulated in one batched product:
+    x [groups, tokens, dim] -> H_g = mean over tokens of x_g x_gᵀ."""
+
+    def __init__(self, groups: int, dim: int):
+        self.sum = torch.zeros(groups, dim, dim)
+        self.absmax = torch.zeros(groups, dim)
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.float()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(1))
+        self.n += x.shape[1]
+        self.sum.baddbmm_(x.transpose(1, 2), x)
+
+    def finalize(self) -> list[LayerStats]:
+        if self.n == 0:
+            raise RuntimeError("no calibration inputs reached this layer")
+        return [LayerStats(H=h / self.n, n=self.n, act_absmax=a)
+                for h, a in zip(self.sum, self.absmax)]
+
+
 @torch.no_grad()
 def collect_hessians(block: nn.Module, inputs: BlockInputs, groups: list[list[str]],
                      reference: tuple[nn.Module, BlockInputs] | None = None,
