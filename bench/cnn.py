@@ -26,7 +26,7 @@ from evals.testbeds import TESTBEDS  # noqa: E402
 from quantkit.calib.synthetic import distill  # noqa: E402
 from quantkit.image import quantize_image_model  # noqa: E402
 
-CONFIGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+CONFIGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w3a3": (3, 3), "w2a4": (2, 4)}
 
 
 def measure(model, fp_logits, x, labels, pre) -> dict:
