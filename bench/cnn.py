@@ -43,9 +43,10 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=512)
     ap.add_argument("--calibs", default="real,zeroq,genie")
     ap.add_argument("--configs", default="w8a8,w4a8,w4a4")
-    ap.add_argument("--methods", default="gptq,genie-m")
+    ap.add_argument("--methods", default="rtn,gptq,genie-m")
     ap.add_argument("--zeroq-iters", type=int, default=500)
     ap.add_argument("--genie-iters", type=int, default=200)
+    ap.add_argument("--genie-width", type=int, default=128, help="generator channels")
     ap.add_argument("--genie-m-iters", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=128, help="distillation batch")
     ap.add_argument("--eval-max", type=int, default=None, help="first N eval images only")
@@ -71,13 +72,14 @@ def main() -> None:
             data[c] = pre(bed["calib_data"](a.n_calib, a.seed + 1))
         else:
             iters = a.zeroq_iters if c == "zeroq" else a.genie_iters
+            extra = {"width": a.genie_width} if c == "genie" else {}
             hist = []
             data[c] = distill(fp, c, a.n_calib, seed=a.seed, history=hist, iterations=iters,
-                              batch_size=a.batch)
+                              batch_size=a.batch, **extra)
             distill_s[c] = time.time() - t
             rows[f"{a.testbed}/distill/{c}"] = {
                 "seconds": distill_s[c], "seconds_per_256": distill_s[c] * 256 / a.n_calib,
-                "iterations": iters, "batch": a.batch, "n": a.n_calib,
+                "iterations": iters, "batch": a.batch, "n": a.n_calib, **extra,
                 "loss_first_last": hist, "finite": bool(torch.isfinite(data[c]).all())}
             print(c, rows[f"{a.testbed}/distill/{c}"])
     for cfg in a.configs.split(","):
