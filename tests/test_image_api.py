@@ -48,7 +48,8 @@ def test_saved_checkpoint_loads_back_to_the_same_outputs(checkpoint, tmp_path):
     assert meta["run"]["settings"]["seed"] == 3 and meta["versions"]["torch"] == torch.__version__
 
 
-def test_pareto_allocation_prices_layers_by_kl_and_meets_the_budget():
+@pytest.mark.parametrize("alloc", ["pareto", "ip"])
+def test_mixed_precision_prices_layers_by_kl_and_meets_the_budget(alloc):
     from quantkit.image import kl_table
     from quantkit.model.convnet import fold_batchnorm, trace
     m = resnet()
@@ -60,12 +61,13 @@ def test_pareto_allocation_prices_layers_by_kl_and_meets_the_budget():
     assert all(torch.equal(before[n], p) for n, p in m.state_dict().items())   # weights restored
     assert (table.cost[:, 0] > table.cost[:, 1]).all() and (table.cost[:, 1] > table.cost[:, 2]).all()
     assert (table.cost >= 0).all()
-    rep = quantkit.quantize(resnet(), calib=x, bits=3, act_bits=None, method="rtn", alloc="pareto",
+    rep = quantkit.quantize(resnet(), calib=x, bits=3, act_bits=None, method="rtn", alloc=alloc,
                             sensitivity="kl", bit_options=[2, 4, 8], progress=False)
     bits = rep.settings["layer_bits"]
     sizes = {n: table.weights[i] for i, n in enumerate(table.layers)}
     assert set(bits) == set(table.layers) and set(bits.values()) <= {2, 4, 8}
     assert sum(sizes[n] * b for n, b in bits.items()) <= 3 * sum(sizes.values())
+    assert len(set(bits.values())) > 1                          # a real mix, not one width
 
 
 def test_image_errors_are_one_line_and_name_the_fix(checkpoint, tmp_path):

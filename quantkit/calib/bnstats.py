@@ -3,9 +3,12 @@ are from that BN's running mean and std, plus the input prior (mean 0, std 1 per
 Genie's swing convolution (a random one-pixel shift before every strided conv)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from quantkit.errors import QuantkitError
 
@@ -108,3 +111,40 @@ class Frozen:
         self.model.train(self.training)
         for p, flag in self.grads:
             p.requires_grad_(flag)
+
+
+def optimise_batches(model: nn.Module, n: int, batch_size: int, iterations: int, per_image: bool,
+                     make, desc: str, progress: bool = True, history: list | None = None,
+                     context=contextlib.nullcontext) -> Tensor:
+    """The distillation loop both methods share: per batch of b images, `make(b)` gives
+    (produce() -> images, optimisers, plateau schedulers (stepped on the loss), step
+    schedulers); `iterations` steps on the BN-statistics loss, inside `context()`. history
+    gets (first, last) loss per batch."""
+    loss_fn = BNStatLoss(model, per_image)
+    out = []
+    bar = tqdm(total=-(-n // batch_size) * iterations, desc=desc, disable=not progress)
+    with Frozen(model), bar:
+        for start in range(0, n, batch_size):
+            produce, opts, plateau, steps = make(min(batch_size, n - start))
+            first = None
+            with context():
+                for _ in range(iterations):
+                    for o in opts:
+                        o.zero_grad(set_to_none=True)
+                    loss = loss_fn(produce())
+                    loss.backward()
+                    for o in opts:
+                        o.step()
+                    for s in plateau:
+                        s.step(loss.item())
+                    for s in steps:
+                        s.step()
+                    first = loss.item() if first is None else first
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+            with torch.no_grad():
+                x = produce().detach()
+                if history is not None:
+                    history.append((first, float(loss_fn(x))))
+            out.append(x)
+    return torch.cat(out)

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from quantkit.calib.bnstats import BNStatLoss, Frozen, SwingConvs
+from quantkit.calib.bnstats import SwingConvs, optimise_batches
 from quantkit.registry import register
 
 
@@ -57,37 +56,15 @@ def distill_genie(model: nn.Module, n: int, shape: tuple[int, int, int], seed: i
     """n synthetic model inputs [n, *shape]; history gets (first, last) loss per batch."""
     cfg = config or GenieConfig()
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = BNStatLoss(model, per_image=False)
-    out = []
-    bar = tqdm(total=-(-n // cfg.batch_size) * cfg.iterations, desc="genie", disable=not progress)
-    with Frozen(model), bar:
-        for start in range(0, n, cfg.batch_size):
-            b = min(cfg.batch_size, n - start)
-            torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
-            g = Generator(shape, cfg.latent, cfg.width).train()
-            z = torch.randn(b, cfg.latent, generator=gen).requires_grad_(True)
-            opt_z = torch.optim.Adam([z], lr=cfg.lr_latent)
-            opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_generator)
-            sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, min_lr=1e-4,
-                                                                 patience=cfg.patience)
-            sched_g = torch.optim.lr_scheduler.StepLR(opt_g, step_size=100, gamma=0.95)
-            first = None
-            with SwingConvs(model, gen):
-                for _ in range(cfg.iterations):
-                    opt_z.zero_grad(set_to_none=True)
-                    opt_g.zero_grad(set_to_none=True)
-                    loss = loss_fn(g(z))
-                    loss.backward()
-                    opt_z.step()
-                    opt_g.step()
-                    sched_z.step(loss.item())
-                    sched_g.step()
-                    first = loss.item() if first is None else first
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
-            with torch.no_grad():
-                x = g(z)                             # train-mode BN: the batch's own statistics
-            if history is not None:
-                history.append((first, float(loss_fn(x))))
-            out.append(x)
-    return torch.cat(out)
+
+    def make(b: int):
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+        g = Generator(shape, cfg.latent, cfg.width).train()   # train-mode BN: batch statistics
+        z = torch.randn(b, cfg.latent, generator=gen).requires_grad_(True)
+        opt_z = torch.optim.Adam([z], lr=cfg.lr_latent)
+        opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_generator)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, min_lr=1e-4, patience=cfg.patience)
+        decay = torch.optim.lr_scheduler.StepLR(opt_g, step_size=100, gamma=0.95)
+        return (lambda: g(z)), [opt_z, opt_g], [plateau], [decay]
+    return optimise_batches(model, n, cfg.batch_size, cfg.iterations, False, make, "genie",
+                            progress, history, context=lambda: SwingConvs(model, gen))

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from quantkit.calib.bnstats import BNStatLoss, Frozen
+from quantkit.calib.bnstats import optimise_batches
 from quantkit.registry import register
 
 
@@ -31,26 +30,11 @@ def distill_zeroq(model: nn.Module, n: int, shape: tuple[int, int, int], seed: i
     gets (first loss, last loss) of every batch."""
     cfg = config or ZeroQConfig()
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = BNStatLoss(model, per_image=True)
-    out = []
-    bar = tqdm(total=-(-n // cfg.batch_size) * cfg.iterations, desc="zeroq", disable=not progress)
-    with Frozen(model), bar:
-        for start in range(0, n, cfg.batch_size):
-            b = min(cfg.batch_size, n - start)
-            x = (torch.randn((b, *shape), generator=gen) * cfg.init_std).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=cfg.patience)
-            first = None
-            for _ in range(cfg.iterations):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(x)
-                loss.backward()
-                opt.step()
-                sched.step(loss.item())
-                first = loss.item() if first is None else first
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
-            if history is not None:
-                history.append((first, float(loss_fn(x.detach()))))
-            out.append(x.detach())
-    return torch.cat(out)
+
+    def make(b: int):
+        x = (torch.randn((b, *shape), generator=gen) * cfg.init_std).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=cfg.patience)
+        return (lambda: x), [opt], [plateau], []
+    return optimise_batches(model, n, cfg.batch_size, cfg.iterations, True, make, "zeroq",
+                            progress, history)

@@ -49,13 +49,16 @@ def default_plan(order: list[str], bits: int, act_bits: int | None, edge_bits: i
     return ConvPlan(weights, acts, order)
 
 
-def run_batches(model: nn.Module, batches: list[Tensor], stop_after: nn.Module | None = None) -> None:
-    """Forward every batch; with stop_after, each forward ends once that module has run."""
-    handle = None
+def run_batches(model: nn.Module, batches: list[Tensor], stop_after: nn.Module | None = None,
+                pre_hooks: dict | None = None, hooks: dict | None = None) -> None:
+    """Forward every batch with forward pre-hooks / hooks ({module: fn}) in place; with
+    stop_after, each forward ends once that module has run."""
+    handles = [m.register_forward_pre_hook(f) for m, f in (pre_hooks or {}).items()]
+    handles += [m.register_forward_hook(f) for m, f in (hooks or {}).items()]
     if stop_after is not None:
         def stop(*_):
             raise _Stop
-        handle = stop_after.register_forward_hook(stop)
+        handles.append(stop_after.register_forward_hook(stop))
     try:
         with torch.no_grad():
             for x in batches:
@@ -64,8 +67,8 @@ def run_batches(model: nn.Module, batches: list[Tensor], stop_after: nn.Module |
                 except _Stop:
                     pass
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def layer_hessians(model: nn.Module, names: list[str], batches: list[Tensor],
@@ -73,19 +76,15 @@ def layer_hessians(model: nn.Module, names: list[str], batches: list[Tensor],
     """Per layer, one LayerStats per conv group, from the inputs the layer actually receives
     (after its input quantizer)."""
     accs: dict[str, GroupedHessian] = {}
-    handles = []
+    hooks = {}
     for name in names:
         mod = model.get_submodule(name)
         accs[name] = GroupedHessian(groups(mod), weight_2d(mod).shape[1])
 
         def hook(m, args, name=name):          # runs after the input quantizer's own pre-hook
             accs[name].add(unfold_input(m, args[0].float()))
-        handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        run_batches(model, batches, stop_after)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks[mod] = hook
+    run_batches(model, batches, stop_after, pre_hooks=hooks)
     return {n: acc.finalize() for n, acc in accs.items()}
 
 
@@ -120,18 +119,13 @@ def calibrate_activations(model: nn.Module, quantizers: dict[str, ActQuantizer],
     random subsample per batch, plus each batch's extremes so the range is seen whole)."""
     seen: dict[str, list[Tensor]] = {n: [] for n in quantizers}
     gen = torch.Generator().manual_seed(0)
-    handles = []
-    for name, q in quantizers.items():
-        def grab(_m, args, name=name):
-            x = args[0].detach().flatten().float()
-            idx = torch.randint(0, x.numel(), (min(sample, x.numel()),), generator=gen)
-            seen[name].append(torch.cat([x[idx], x.min()[None], x.max()[None]]))
-        handles.append(q.register_forward_pre_hook(grab))
-    try:
-        run_batches(model, batches, stop_after)
-    finally:
-        for h in handles:
-            h.remove()
+    names = {q: n for n, q in quantizers.items()}
+
+    def grab(q, args):
+        x = args[0].detach().flatten().float()
+        idx = torch.randint(0, x.numel(), (min(sample, x.numel()),), generator=gen)
+        seen[names[q]].append(torch.cat([x[idx], x.min()[None], x.max()[None]]))
+    run_batches(model, batches, stop_after, pre_hooks={q: grab for q in quantizers.values()})
     for name, q in quantizers.items():
         q.calibrate(torch.cat(seen[name]))
 

@@ -106,11 +106,7 @@ def capture(model: nn.Module, unit: nn.Module, batches: list[Tensor]) -> tuple[T
     def hook(_m, args, out):
         ins.append(args[0].detach())
         outs.append((out[0] if isinstance(out, tuple) else out).detach())
-    handle = unit.register_forward_hook(hook)
-    try:
-        run_batches(model, batches, stop_after=unit)
-    finally:
-        handle.remove()
+    run_batches(model, batches, stop_after=unit, hooks={unit: hook})
     return torch.cat(ins), torch.cat(outs)
 
 
