@@ -86,16 +86,33 @@ def test_mobilenet_v2_tf_padding_and_depthwise_convs_survive_quantization():
     attach_input_quantizers(hooked, {n: 8 for n in tr.order})        # not calibrated: identity
     assert all(isinstance(hooked.get_submodule(n), nn.Conv2d) for n in tr.order[:-1])
     torch.testing.assert_close(hooked(x).logits, m(x).logits)
+    # A random-init MobileNetV2 is chaotic end to end (1e-3 relative weight noise moves the
+    # logits by 2%, and the amount depends on the thread count), so the check is per layer:
+    # every quantized layer, on the (quantized) input it really gets, against its fp weights.
     errs = {}
     for bits in (8, 4):
         q = copy.deepcopy(m)
         plan = default_plan(tr.order, bits, bits, edge_bits=bits)
         plan.units = units(q, tr.order)
         quantize_convnet(q, plan, registry.get("compressor", "gptq"), [smooth(16, 3, 16, seed=5)], False)
-        out = q(x).logits.detach()
-        assert out.shape == ref.shape
-        errs[bits] = float((out - ref).pow(2).mean() / ref.pow(2).mean())
-    assert errs[8] < 0.5 * errs[4]       # a random-init MobileNet is chaotic: no absolute floor
+        seen = {}
+
+        def grab(mod, args, out):
+            seen[names[mod]] = (args[0].detach(), out.detach())
+        names = {q.get_submodule(n): n for n in tr.order}
+        hooks = [mod.register_forward_hook(grab) for mod in names]
+        assert q(x).logits.shape == ref.shape
+        for h in hooks:
+            h.remove()
+        rel = []
+        for n in tr.order:
+            fp, inp, out = m.get_submodule(n), *seen[n]
+            want = (fp._conv_forward(inp, fp.weight, fp.bias) if isinstance(fp, nn.Conv2d)
+                    else F.linear(inp, fp.weight, fp.bias)).detach()
+            rel.append(float((out - want).pow(2).sum() / want.pow(2).sum()))
+        errs[bits] = sorted(rel)[len(rel) // 2]            # median: a few near-dead layers stray
+        assert max(rel) < 0.1, (bits, rel)
+    assert errs[8] < 2e-4 and errs[4] > 30 * errs[8], errs    # 16x finer grid, ~256x less error
 
 
 def test_w8a8_is_near_lossless_and_w4a4_is_not_on_a_resnet():
@@ -144,6 +161,9 @@ def test_grouped_conv_gptq_uses_each_groups_hessian_and_beats_rtn():
         Q = p.dequantize()
         torch.testing.assert_close(m[2].weight.reshape(8, -1), Q)
         losses[name] = [proxy_loss(W[2 * g:2 * g + 2] - Q[2 * g:2 * g + 2], stats[g].H) for g in range(4)]
+        for g in range(4):                       # each group is its own problem, on its own H
+            alone = registry.get("compressor", name)(W[2 * g:2 * g + 2], stats[g], spec)
+            torch.testing.assert_close(Q[2 * g:2 * g + 2], alone.dequantize())
     assert sum(losses["gptq"]) < 0.9 * sum(losses["rtn"])
     # each group's Hessian is the mean outer product of its own 2 input channels' 3x3 patches
     x = torch.relu(model[0](batches[0]))
