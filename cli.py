@@ -53,6 +53,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-dataset")
     p.add_argument("--max-windows", type=int)
     p.add_argument("--json", help="write the summary to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier output")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("target", help="a quantkit checkpoint directory")
     x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized) | gptq (v1) | bnb-int8")
     x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier output")
     b = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory vs the fp32 and bf16 model")
     b.add_argument("target", help="a quantkit checkpoint directory")
     b.add_argument("--batch", type=_ints, default=[1, 16], help="batch sizes (default 1,16)")
@@ -152,7 +154,7 @@ def cmd_quantize(a) -> dict:
     if is_image_source(r.model):
         return _quantize_image(r, a)
     texts = [load_text(d, "eval") for d in domains(r.eval.dataset)] if a.eval else None  # fail early
-    rep = quantkit.quantize(r)
+    rep = quantkit.quantize(r, overwrite=a.overwrite)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
     if a.eval and len(texts) == 1:
         from quantkit.evaluate import text_perplexity
@@ -177,7 +179,7 @@ def cmd_quantize(a) -> dict:
 def _quantize_image(r, a) -> dict:
     import quantkit
     from quantkit.image_run import evaluate_image
-    rep = quantkit.quantize(r)
+    rep = quantkit.quantize(r, overwrite=a.overwrite)
     summary = rep.to_dict()
     print(f"quantized {rep.n_layers} layers of {r.model} with {rep.method} (W{rep.bits}"
           f"{'' if rep.act_bits is None else f'A{rep.act_bits}'}, calibration: {rep.calib}) in "
@@ -256,7 +258,7 @@ def cmd_inspect(a) -> dict:
 
 def cmd_export(a) -> dict:
     from quantkit.formats.export import export
-    res = export(a.target, a.out, a.format)
+    res = export(a.target, a.out, a.format, a.overwrite)
     print(f"exported {res['layers']} linears ({', '.join(f'{n} {k}' for k, n in res['schemes'].items())}) "
           f"as {a.format} -> {a.out}")
     if res.get("note"):

@@ -74,7 +74,7 @@ def ppl(max_windows: int, n_samples: int, thresholds: list[float]) -> dict:
     ids = tokenize(tok, load_text(recipe.eval.dataset, "eval"))
     res = {"fp32": perplexity(model, ids, recipe.eval.seqlen, max_windows, progress=False)["ppl"]}
     del model
-    rep = run(recipe, progress=False)
+    rep = run(recipe, progress=False, overwrite=True)
     layers = json.loads((Path(recipe.out) / "config.json").read_text())["quantization_config"]["layers"]
     from quantkit.nn.qlinear import QuantLinear
     m = quantkit.load(recipe.out, kernel="reference")

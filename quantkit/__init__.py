@@ -13,7 +13,8 @@ from quantkit import calib  # noqa: F401  (quantkit.calib.distill)
 _register_with_transformers()
 
 
-def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = True, **overrides):
+def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = True,
+             overwrite: bool = False, **overrides):
     """Quantize a model; returns a Report (.model: the fake-quantized model, .save(dir)).
 
     model: an nn.Module already in memory (quantized in place; pass its tokenizer to calibrate
@@ -21,7 +22,8 @@ def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = Tr
     or a Recipe. recipe: a Recipe or a recipe name/YAML path (default: the recipe of that
     name for a string model, Recipe() defaults otherwise). calib: calibration text (a string or
     a list of them) or token ids [n, seqlen], instead of the recipe's dataset. overrides: recipe
-    fields, e.g. bits=3, method="rsq", alloc="ip", **{"calib.n_samples": 64}.
+    fields, e.g. bits=3, method="rsq", alloc="ip", **{"calib.n_samples": 64}; out= saves there
+    (an existing directory only with overwrite=True, and only an earlier output).
     An image classifier with BatchNorm (a module, a testbed name such as "resnet", or an
     image-classification checkpoint) takes calib= a float tensor of model inputs, or "zeroq" /
     "genie" (synthetic from its BN statistics), and act_bits= for activation quantization.
@@ -46,7 +48,7 @@ def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = Tr
         raise QuantkitError(f"quantize: model must be an nn.Module, a path, a hub id, a recipe name "
                             f"or a Recipe; got {type(model).__name__}")
     return run(_recipe(recipe).with_overrides(**overrides), progress, model=model,
-               tokenizer=tokenizer, calib=calib)
+               tokenizer=tokenizer, calib=calib, overwrite=overwrite)
 
 
 def _recipe(recipe) -> Recipe:

@@ -63,8 +63,9 @@ class ImageReport:
                 "out", "source")
         return {k: getattr(self, k) for k in keys}
 
-    def save(self, out: str | Path) -> "ImageReport":
-        """Packed weights, activation scales and the run record, written atomically."""
+    def save(self, out: str | Path, overwrite: bool = False) -> "ImageReport":
+        """Packed weights, activation scales and the run record, written atomically (an
+        existing `out` is replaced only with overwrite=True)."""
         from safetensors.torch import save_file
         tensors = {f"{n}.{k}": v.contiguous() for n, p in self.packed.items()
                    for k, v in p.tensors.items()}
@@ -74,7 +75,7 @@ class ImageReport:
                   for n, p in self.packed.items()}
         acts = {n: {"bits": q.bits, "signed": q.signed} for n, q in self.quantizers.items()}
         self.out = str(out)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, overwrite) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE))
             (tmp / CHECKPOINT_FILE).write_text(json.dumps(
                 {"source": self.source, "layers": layers, "activations": acts,

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from quantkit import registry
 from quantkit.errors import QuantkitError
+from quantkit.formats.io import check_output
+from quantkit.model.loader import read_config_json
 from quantkit.image import CHECKPOINT_FILE, ImageReport, quantize_image_model
 from quantkit.recipe import Recipe
 
@@ -31,7 +33,7 @@ def is_image_source(name: str) -> bool:
         return True
     cfg = Path(name).expanduser() / "config.json"
     if cfg.is_file():
-        archs = json.loads(cfg.read_text()).get("architectures") or []
+        archs = read_config_json(cfg.parent).get("architectures") or []
         return any(a.endswith(IMAGE_ARCHITECTURES) for a in archs)
     return (Path(name) / CHECKPOINT_FILE).is_file()
 
@@ -56,7 +58,7 @@ def load_source(name: str) -> tuple[nn.Module, Preprocess, dict]:
         raise QuantkitError(f"{name}: not an image testbed ({', '.join(beds)}) nor a checkpoint "
                             "directory with config.json")
     import transformers
-    archs = json.loads((p / "config.json").read_text()).get("architectures") or []
+    archs = read_config_json(p).get("architectures") or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     if cls is None:
         raise QuantkitError(f"{name}: architecture {archs} is not in this transformers")
@@ -89,8 +91,10 @@ def _input_size(model: nn.Module) -> int:
 
 
 def run_image(recipe: Recipe, progress: bool = True, model: nn.Module | None = None,
-              calib=None, **_) -> ImageReport:
+              calib=None, overwrite: bool = False) -> ImageReport:
     """Quantize the recipe's image model (or `model`, in place) and save it to recipe.out."""
+    if recipe.out:
+        check_output(recipe.out, overwrite)
     if model is None:
         model, pre, bed = load_source(recipe.model)
     else:
@@ -115,7 +119,7 @@ def run_image(recipe: Recipe, progress: bool = True, model: nn.Module | None = N
     report.source = recipe.model
     report.recipe = asdict(recipe) | recipe.sections
     if recipe.out:
-        report.save(recipe.out)
+        report.save(recipe.out, overwrite)
     return report
 
 

@@ -30,10 +30,10 @@ from quantkit import registry
 from quantkit.alloc.table import CostTable, check_budget, tie
 from quantkit.calib.text import calibration_batches, user_calibration
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import save_checkpoint
+from quantkit.formats.io import check_output, save_checkpoint
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
-from quantkit.model.loader import layer_shapes, load_model
+from quantkit.model.loader import check_finite, layer_shapes, load_model
 from quantkit.model.runner import forward_block, input_groups, walk_blocks
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
 from quantkit.recipe import Recipe
@@ -72,8 +72,9 @@ class Report:
     def to_dict(self) -> dict:
         return {k: copy.deepcopy(getattr(self, k)) for k in self.SUMMARY}
 
-    def save(self, out: str | Path) -> "Report":
-        """Write the packed checkpoint to `out` (atomically: all of it or nothing)."""
+    def save(self, out: str | Path, overwrite: bool = False) -> "Report":
+        """Write the packed checkpoint to `out` (atomically: all of it or nothing; an existing
+        `out` is replaced only with overwrite=True)."""
         if self.model is None or self.recipe is None:
             raise QuantkitError("this report holds no model to save")
         self.out = str(out)
@@ -84,7 +85,7 @@ class Report:
             return {"recipe.yaml": recipe.to_yaml(),
                     "run.json": json.dumps(_provenance(recipe, self), indent=2)}
         save_checkpoint(out, self.model, self.packed, self.tokenizer,
-                        {"recipe": recipe.to_dict(), "source": self.source}, files)
+                        {"recipe": recipe.to_dict(), "source": self.source}, files, overwrite)
         return self
 
 
@@ -100,21 +101,24 @@ class Loaded:
 
 
 def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
-        model: nn.Module | None = None, tokenizer=None, calib=None) -> Report:
+        model: nn.Module | None = None, tokenizer=None, calib=None, overwrite: bool = False) -> Report:
     """Quantize recipe.model (or `model`, in place) as the recipe says; save to recipe.out when
     given.
 
     table: the cost table of this recipe built earlier (sensitivity_table), to compare
     allocators or budgets without rebuilding it. calib: calibration text (a string or a list of
     them, drawn into the recipe's windows) or token ids [n, seqlen] (used as they are) instead
-    of the recipe's calibration dataset.
+    of the recipe's calibration dataset. overwrite: replace an existing recipe.out (an earlier
+    output only); without it an existing out fails before any work.
     """
     for name in registry.names("runner"):      # another model kind (image classifiers) claims it
         runner = registry.get("runner", name)
         if runner.claims(recipe, model):
-            return runner(recipe, progress, model=model, calib=calib)
+            return runner(recipe, progress, model=model, calib=calib, overwrite=overwrite)
     t0 = time.time()
     _check(recipe, model)
+    if recipe.out:
+        check_output(recipe.out, overwrite)
     compressor, hooks = method(recipe)
     if hooks.section:                     # the method's options as used, defaults included, on record
         recipe = recipe.with_overrides(**{f"{hooks.section}.{k}": v for k, v in
@@ -135,7 +139,7 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
                     recipe=recipe, source=m.source)
     if recipe.out:
         report.seconds = time.time() - t0
-        report.save(recipe.out)
+        report.save(recipe.out, overwrite)
     report.seconds = time.time() - t0
     return report
 
@@ -212,6 +216,7 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     else:
         find_blocks(model)                                  # unsupported architectures fail here
+        check_finite(model)
         model.eval()
         source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     if hooks.prepare:

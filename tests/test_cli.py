@@ -9,7 +9,6 @@ from transformers import AutoTokenizer
 import quantkit
 from cli import main
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import atomic_dir
 from quantkit.model.discovery import find_blocks
 from quantkit.recipe import Recipe
 from tests.conftest import VOCAB, tiny_model
@@ -127,18 +126,6 @@ def test_corrupt_checkpoint_is_reported(ckpt, tmp_path):
     (out / "model.safetensors").unlink()
     with pytest.raises(QuantkitError, match="missing"):
         quantkit.load(out)
-
-
-def test_failed_write_keeps_previous_output(tmp_path):
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "good").write_text("previous run")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as d:
-            (d / "half").write_text("partial")
-            raise RuntimeError("crash mid-write")
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    assert [p.name for p in out.iterdir()] == ["good"]
 
 
 def test_recipe_overrides_are_checked():

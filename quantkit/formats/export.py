@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import WEIGHTS, atomic_dir, load_tensors, packed_from_tensors, read_manifest
+from quantkit.formats.io import WEIGHTS, atomic_dir, check_output, load_tensors, packed_from_tensors, read_manifest
 from quantkit.formats.packed import PackedLinear, int_parts
 from quantkit.formats.packing import pack
 from quantkit.model.discovery import fused_groups
@@ -207,13 +207,14 @@ WRITERS = {"compressed-tensors": _int_writer(compressed_tensors, "compressed-ten
            "gptq": _int_writer(gptq, "gptq"), "bnb-int8": bnb_int8}
 
 
-def export(src: str | Path, out: str | Path, fmt: str) -> dict:
+def export(src: str | Path, out: str | Path, fmt: str, overwrite: bool = False) -> dict:
     """Write checkpoint `src` in format `fmt` to `out` (atomically); returns a summary."""
     if fmt not in WRITERS:
         raise QuantkitError(f"unknown export format {fmt!r}; choose one of: {', '.join(WRITERS)}")
     src = Path(src)
     if not src.is_dir():
         raise QuantkitError(f"{src}: no such checkpoint directory")
+    check_output(out, overwrite)
     manifest = read_manifest(src)
     tensors = load_tensors(src)
     packed = packed_from_tensors(tensors, manifest)
@@ -225,7 +226,7 @@ def export(src: str | Path, out: str | Path, fmt: str) -> dict:
     quant_tensors, qconfig, extra = WRITERS[fmt](packed, src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in ("config.json", WEIGHTS):
                 shutil.copy2(f, tmp / f.name)

@@ -1,6 +1,7 @@
 """Packed checkpoints: safetensors + a manifest in config.json, written atomically."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,18 +28,63 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-@contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary sibling directory that replaces `out` only if the block succeeds."""
+OUTPUT_MARKERS = ("run.json", "quantkit_image.json")   # files only a quantkit output holds
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """Fail before any work when `out` cannot be written: it exists and `overwrite` is off;
+    it exists and is neither empty nor an earlier quantkit output (never replaced, whatever the
+    flag); or the nearest existing parent is not a writable directory."""
     out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise QuantkitError(f"{out} already exists: pass --overwrite (overwrite=True) to replace "
+                                "it, or choose another --out")
+        if not out.is_dir() or (any(out.iterdir()) and
+                                not any((out / m).is_file() for m in OUTPUT_MARKERS)):
+            raise QuantkitError(f"{out} is not an earlier quantkit output (no {' or '.join(OUTPUT_MARKERS)})"
+                                ": refusing to replace it even with --overwrite; choose another --out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantkitError(f"{out}: {parent} is not a writable directory; choose another --out")
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory that becomes `out` only when the block succeeds (its
+    files and itself fsynced, then renamed), so `out` is whole or absent: a failed or killed
+    run leaves at most a `.NAME.tmp-*` sibling. `out` itself is checked by check_output."""
+    out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _fsync(tmp)
+        except OSError as e:
+            free = shutil.disk_usage(out.parent).free / 2**30
+            what = "disk full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
+            raise QuantkitError(f"writing {out}: {what} ({free:.1f} GiB free on its disk); nothing "
+                                "was written there: free space or choose another --out") from e
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
+        _fsync(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,11 +124,11 @@ def save_packed(dir: Path, model: nn.Module, packed: dict[str, PackedLinear], ex
 
 
 def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedLinear], tokenizer,
-                    extra: dict, files: Callable[[int], dict[str, str]]) -> int:
+                    extra: dict, files: Callable[[int], dict[str, str]], overwrite: bool = False) -> int:
     """Write the whole output directory atomically: weights + manifest, tokenizer (when there is
     one), generation config and the text files `files(weights' size in bytes)` names; returns
     the weights' size."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         save_packed(tmp, model, packed, extra)
         size = (tmp / WEIGHTS).stat().st_size
         if tokenizer is not None:

@@ -39,9 +39,12 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if size > best_size:
             best, best_size = (name, m), size
     if best is None:
+        kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})
         raise QuantkitError(f"unsupported architecture {type(model).__name__}: no repeated blocks "
-                            "of linear layers found (supported: decoder LMs such as Llama, "
-                            "Mistral, Qwen2, Gemma, OPT, GPT-2, and BERT-style encoders)")
+                            f"of linear layers among its modules ({', '.join(kinds[:12]) or 'none'}"
+                            f"{', ...' if len(kinds) > 12 else ''}); supported: decoder LMs such as "
+                            "Llama, Mistral, Qwen2, Gemma, OPT, GPT-2, BERT-style encoders, and "
+                            "image classifiers with BatchNorm")
     return best
 
 

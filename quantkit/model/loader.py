@@ -1,6 +1,7 @@
 """Loading checkpoints: originals to quantize (local dir, hub id or asset name) and packed ones."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,12 +50,88 @@ def _hub_error(name: str, e: Exception) -> QuantkitError:
                          f"({hint}; pass a local checkpoint directory instead)")
 
 
+def read_config_json(directory: str | Path) -> dict:
+    """A checkpoint directory's config.json as a dict, or a clear error when it is not JSON."""
+    path = Path(directory).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"{path}: corrupt config.json ({e}); restore it from the original "
+                            "checkpoint") from e
+    if not isinstance(config, dict):
+        raise QuantkitError(f"{path}: config.json holds a {type(config).__name__}, not an object")
+    return config
+
+
 def load_config(source: str):
     from transformers import AutoConfig
+    if Path(source).is_dir():
+        read_config_json(source)                 # not JSON: say so, not a hub error
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from e
+    except Exception as e:                       # transformers' own validation of the fields
+        raise QuantkitError(f"{source}/config.json: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}; fix the field or restore the file") from e
+
+
+def check_weight_files(source: str, config) -> None:
+    """Before loading a local checkpoint, from the safetensors headers alone (no tensor read):
+    every shard the index names is present, every file's header is whole and covers its data,
+    and every tensor has the shape the architecture built from config.json expects."""
+    import safetensors
+    d = Path(source)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise QuantkitError(f"{index}: corrupt shard index ({e}); restore it from the original "
+                                "checkpoint") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise QuantkitError(f"{source}: shard {missing[0]} is missing ({len(missing)} of "
+                                f"{len(files)} named by {index.name}); download it again")
+    else:
+        files = sorted(f.name for f in d.glob("*.safetensors"))
+        if not files and not any(d.glob("*.bin")):
+            raise QuantkitError(f"{source}: no weights (model.safetensors, sharded safetensors with "
+                                "an index, or pytorch_model.bin) beside config.json; download them")
+    expected = {n: tuple(p.shape) for n, p in build_empty(config).state_dict().items()}
+    for f in files:
+        path = d / f
+        try:
+            with safetensors.safe_open(str(path), "pt") as st:
+                shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        except Exception as e:                                   # SafetensorError and kin
+            raise QuantkitError(f"{path}: corrupt or truncated safetensors file ({e}); download "
+                                "it again") from e
+        for key, shape in shapes.items():
+            want = _expected_shape(expected, key)
+            if want is not None and want != shape:
+                raise QuantkitError(f"{path}: tensor {key} has shape {list(shape)} but config.json "
+                                    f"implies {list(want)}; the weights and config.json do not match")
+
+
+def _expected_shape(expected: dict[str, tuple], key: str) -> tuple | None:
+    if key in expected:
+        return expected[key]
+    for name, shape in expected.items():          # a checkpoint saved without the model's prefix
+        if name.endswith("." + key):
+            return shape
+    return None
+
+
+def check_finite(model: nn.Module) -> None:
+    """Every parameter finite, or an error naming the first bad tensor."""
+    bad = [(n, int((~torch.isfinite(p)).sum())) for n, p in model.named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        name, count = bad[0]
+        raise QuantkitError(f"weight {name} holds {count} NaN/Inf values ({len(bad)} tensors in "
+                            "all): the checkpoint is corrupt or was saved after a diverged step")
 
 
 def load_model(name: str, device: str = "cpu", dtype=torch.float32):
@@ -65,12 +142,15 @@ def load_model(name: str, device: str = "cpu", dtype=torch.float32):
     qc = getattr(config, "quantization_config", None)
     if isinstance(qc, dict) and qc.get("quant_method") == "quantkit":
         raise QuantkitError(f"{name} is already quantized by quantkit; load it with quantkit.load()")
+    if Path(source).is_dir():
+        check_weight_files(source, config)
     try:
         model = model_class(config).from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from e
     find_blocks(model)  # fail early on unsupported architectures
+    check_finite(model)
     return model.to(device).eval(), tokenizer, source
 
 

@@ -39,6 +39,14 @@ def fit_groups(W: Tensor, spec: QSpec, weight: Tensor | None = None) -> tuple[Te
     return torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
+def live_hessian(H: Tensor) -> Tensor:
+    """H with each dead input's diagonal (an input that was zero on every calibration token, so
+    its whole row and column are zero) set to 1, so that H stays invertible even when the
+    whole layer is dead; nothing couples a dead input to the others."""
+    dead = H.diagonal() == 0
+    return H + torch.diag(dead.to(H.dtype)) if bool(dead.any()) else H
+
+
 def fp_target_weight(W: Tensor, stats: LayerStats, damp: float = 0.01) -> Tensor:
     """The weight V that best maps this layer's actual inputs to the full-precision outputs.
 
@@ -50,6 +58,7 @@ def fp_target_weight(W: Tensor, stats: LayerStats, damp: float = 0.01) -> Tensor
     """
     if stats.cross is None:
         return W
-    eye = torch.eye(stats.H.shape[0], device=W.device)
-    L = torch.linalg.cholesky(stats.H + damp * stats.H.diagonal().mean() * eye)
+    H = live_hessian(stats.H)
+    eye = torch.eye(H.shape[0], device=W.device)
+    L = torch.linalg.cholesky(H + damp * H.diagonal().mean() * eye)
     return W + torch.cholesky_solve((W @ (stats.cross - stats.H)).t(), L).t()

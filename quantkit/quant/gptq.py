@@ -17,7 +17,7 @@ from torch import Tensor
 from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear, make_int, make_levels, n_groups
 from quantkit.formats.packing import words_per_row
-from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width, proxy_loss
+from quantkit.quant.base import LayerStats, QSpec, fit_groups, group_width, live_hessian, proxy_loss
 from quantkit.quant.grid import fit_grid
 from quantkit.quant.levels import column_levels
 from quantkit.registry import register
@@ -83,10 +83,8 @@ def feedback(Wt: Tensor, U: Tensor, rounder: Rounder, block: int = 128,
 def live_columns(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 copies with dead inputs (H_jj = 0) made harmless: their weights 0, H_jj 1."""
     W, H = W.float().clone(), H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return W, H
+    W[:, H.diagonal() == 0] = 0
+    return W, live_hessian(H)
 
 
 def grid_rounder(spec: QSpec, st: Tensor, zt: Tensor, col_group: list[int] | None, gw: int,
