@@ -54,6 +54,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int)
     p.add_argument("--json", help="write the summary to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier output")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run to --out from its "
+                   "last finished block (the same model, data and recipe)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -154,7 +156,7 @@ def cmd_quantize(a) -> dict:
     if is_image_source(r.model):
         return _quantize_image(r, a)
     texts = [load_text(d, "eval") for d in domains(r.eval.dataset)] if a.eval else None  # fail early
-    rep = quantkit.quantize(r, overwrite=a.overwrite)
+    rep = quantkit.quantize(r, overwrite=a.overwrite, resume=a.resume)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
     if a.eval and len(texts) == 1:
         from quantkit.evaluate import text_perplexity

@@ -14,7 +14,7 @@ _register_with_transformers()
 
 
 def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = True,
-             overwrite: bool = False, **overrides):
+             overwrite: bool = False, resume: bool = False, **overrides):
     """Quantize a model; returns a Report (.model: the fake-quantized model, .save(dir)).
 
     model: an nn.Module already in memory (quantized in place; pass its tokenizer to calibrate
@@ -23,7 +23,8 @@ def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = Tr
     name for a string model, Recipe() defaults otherwise). calib: calibration text (a string or
     a list of them) or token ids [n, seqlen], instead of the recipe's dataset. overrides: recipe
     fields, e.g. bits=3, method="rsq", alloc="ip", **{"calib.n_samples": 64}; out= saves there
-    (an existing directory only with overwrite=True, and only an earlier output).
+    (an existing directory only with overwrite=True, and only an earlier output); resume=True
+    continues an interrupted run to that out from its last finished block.
     An image classifier with BatchNorm (a module, a testbed name such as "resnet", or an
     image-classification checkpoint) takes calib= a float tensor of model inputs, or "zeroq" /
     "genie" (synthetic from its BN statistics), and act_bits= for activation quantization.
@@ -48,7 +49,7 @@ def quantize(model, tokenizer=None, recipe=None, calib=None, progress: bool = Tr
         raise QuantkitError(f"quantize: model must be an nn.Module, a path, a hub id, a recipe name "
                             f"or a Recipe; got {type(model).__name__}")
     return run(_recipe(recipe).with_overrides(**overrides), progress, model=model,
-               tokenizer=tokenizer, calib=calib, overwrite=overwrite)
+               tokenizer=tokenizer, calib=calib, overwrite=overwrite, resume=resume)
 
 
 def _recipe(recipe) -> Recipe:

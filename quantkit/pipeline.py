@@ -34,7 +34,8 @@ from quantkit.formats.io import check_output, save_checkpoint
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import check_finite, layer_shapes, load_model
-from quantkit.model.runner import forward_block, input_groups, walk_blocks
+from quantkit.model.runner import BlockInputs, forward_block, input_groups, walk_blocks
+from quantkit.resume import RunState, fingerprint
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
@@ -101,7 +102,8 @@ class Loaded:
 
 
 def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
-        model: nn.Module | None = None, tokenizer=None, calib=None, overwrite: bool = False) -> Report:
+        model: nn.Module | None = None, tokenizer=None, calib=None, overwrite: bool = False,
+        resume: bool = False) -> Report:
     """Quantize recipe.model (or `model`, in place) as the recipe says; save to recipe.out when
     given.
 
@@ -109,11 +111,14 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
     allocators or budgets without rebuilding it. calib: calibration text (a string or a list of
     them, drawn into the recipe's windows) or token ids [n, seqlen] (used as they are) instead
     of the recipe's calibration dataset. overwrite: replace an existing recipe.out (an earlier
-    output only); without it an existing out fails before any work.
+    output only); without it an existing out fails before any work. With an out, the run keeps
+    its state beside it (quantkit.resume); resume: continue an interrupted run from there.
     """
     for name in registry.names("runner"):      # another model kind (image classifiers) claims it
         runner = registry.get("runner", name)
         if runner.claims(recipe, model):
+            if resume:
+                raise QuantkitError(f"--resume: {name} runs are not resumable; run without it")
             return runner(recipe, progress, model=model, calib=calib, overwrite=overwrite)
     t0 = time.time()
     _check(recipe, model)
@@ -125,10 +130,18 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
                                           asdict(recipe.section(hooks.section, hooks.config)).items()})
     m = _load(recipe, hooks, _uses_table(recipe.alloc) or getattr(compressor, "needs_stats", True),
               model, tokenizer, calib)
-    plan, table = _plan(recipe, m, compressor, table, progress)
+    state = None
+    if recipe.out:
+        state = RunState(recipe.out, fingerprint(m.source, m.model, m.batches, recipe.to_dict()), resume)
+        plan, table = state.plan(lambda: _plan(recipe, m, compressor, table, progress))
+    else:
+        if resume:
+            raise QuantkitError("--resume needs the run's output directory (--out / out=)")
+        plan, table = _plan(recipe, m, compressor, table, progress)
     packed, info = compress_model(m.model, m.batches, plan, compressor, m.device,
                                   recipe.true_sequential, recipe.fp_target, progress,
-                                  token_weights=hooks.token_weights(recipe) if hooks.token_weights else None)
+                                  token_weights=hooks.token_weights(recipe) if hooks.token_weights else None,
+                                  state=state)
     m.model.to("cpu")
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
@@ -140,6 +153,7 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
     if recipe.out:
         report.seconds = time.time() - t0
         report.save(recipe.out, overwrite)
+        state.finish()
     report.seconds = time.time() - t0
     return report
 
@@ -359,7 +373,7 @@ def method(recipe: Recipe):
 def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],
                    compressor, device: torch.device, true_sequential: bool = True,
                    fp_target: bool = False, progress: bool = True,
-                   token_weights: TokenWeights | None = None
+                   token_weights: TokenWeights | None = None, state: RunState | None = None
                    ) -> tuple[dict[str, PackedLinear], dict]:
     """Compress every planned linear, block by block; the model ends up fake-quantized.
 
@@ -369,15 +383,31 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     token_weights hook); computed once on the block's inputs before any of its linears is
     quantized. With fp_target the
     cross term gets the same weights, so the target stays the weighted least-squares one.
+    state: record each finished block there, and begin after the blocks it already holds.
     """
-    packed, info = {}, {}
+    packed, info, hidden, hidden_fp, start = {}, {}, None, None, 0
+    if state is not None and state.start:
+        packed, info, hidden, hidden_fp = state.restore()
+        start = state.start
+        for n, p in packed.items():
+            set_weight_matrix(model.get_submodule(n), p.dequantize())
     inputs_fp = None
     n_blocks = len(find_blocks(model)[1])
-    for i, name, block, inputs in walk_blocks(model, batches, device, "blocks", progress):
+
+    def after(i: int, next_inputs) -> None:
+        if state is not None:
+            mine = [n for n in packed if n.startswith(f"{block_name}.")]
+            state.block_done(i, {n: packed[n] for n in mine}, {n: info[n] for n in mine},
+                             None if next_inputs is None else next_inputs.hidden,
+                             None if not fp_target or next_inputs is None else inputs_fp.hidden)
+    for i, block_name, block, inputs in walk_blocks(model, batches, device, "blocks", progress,
+                                                     start, hidden, after):
         ref = copy.deepcopy(block) if fp_target and inputs is not None else None
-        inputs_fp = inputs if inputs_fp is None else inputs_fp
+        if inputs_fp is None and inputs is not None:
+            inputs_fp = inputs if hidden_fp is None else BlockInputs(
+                [h.to(device) for h in hidden_fp], inputs.args, inputs.kwargs)
         mods = linears(block)
-        full = lambda n: f"{name}.{n}"  # noqa: E731
+        full = lambda n: f"{block_name}.{n}"  # noqa: E731
         todo = [n for n in mods if full(n) in plan]
         if inputs is None:
             for n in todo:

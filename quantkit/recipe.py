@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -103,13 +105,62 @@ def _build(cls, d: dict, where: str):
     if unknown:
         raise QuantkitError(f"{where}: unknown field(s) {', '.join(unknown)}; "
                             f"known: {', '.join(known)} (and the methods' sections)")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:                            # an options class with unresolvable hints
+        hints = {}
     kw = {}
     for name, value in d.items():
         if name in sections:
             continue
         sub = {"calib": CalibConfig, "eval": EvalConfig}.get(name) if cls is Recipe else None
+        if not sub and name in hints and not _fits(value, hints[name]):
+            raise QuantkitError(f"{where}.{name}: {value!r} is not a valid {_type_name(hints[name])}")
         kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    for name, floor in _FLOORS.get(cls.__name__, {}).items():
+        value = kw.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor \
+                and not (name == "group_size" and value == -1):
+            raise QuantkitError(f"{where}.{name}: {value} must be at least {floor}"
+                                + (" (or -1: one group per row)" if name == "group_size" else ""))
     return cls(**kw, sections=sections) if cls is Recipe else cls(**kw)
+
+
+# the smallest value a numeric field may take (bits are checked against each method's widths)
+_FLOORS = {"CalibConfig": {"n_samples": 1, "seqlen": 1, "batch_size": 1, "table_samples": 1},
+           "EvalConfig": {"seqlen": 1, "max_windows": 1},
+           "Recipe": {"group_size": 1, "damp": 0, "bits": 0.5}}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a YAML value has the field's type (an int is a valid float, a bool is no number)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + \
+            (" (or null)" if type(None) in args else "")
+    return getattr(hint, "__name__", str(hint))
 
 
 def find_recipe(name: str) -> Path | None:

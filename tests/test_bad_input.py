@@ -140,3 +140,19 @@ def test_a_model_with_a_dead_layer_quantizes(src, tmp_path):
     assert rep.recipe.fp_target and (tmp_path / "q" / W).is_file()
     assert all(torch.isfinite(t).all() for pk in rep.packed.values() for t in pk.tensors.values()
                if t.is_floating_point())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"bits": "four"}, r"recipe.bits: 'four' is not a valid float"),
+    ({"fp_target": 1}, r"recipe.fp_target: 1 is not a valid bool"),
+    ({"calib.n_samples": 2.5}, r"recipe.calib.n_samples: 2.5 is not a valid int"),
+    ({"calib.seqlen": 0}, r"recipe.calib.seqlen: 0 must be at least 1"),
+    ({"group_size": 0}, r"group_size: 0 must be at least 1 \(or -1"),
+    ({"bit_options": [4, None]}, r"bit_options: \[4, None\] is not a valid list of int or str"),
+    ({"eval.max_windows": "all"}, r"max_windows: 'all' is not a valid int \(or null\)"),
+])
+def test_recipe_values_are_type_and_range_checked(overrides, message):
+    from quantkit.recipe import Recipe
+    with pytest.raises(QuantkitError, match=message):
+        Recipe().with_overrides(**overrides)
+    assert Recipe().with_overrides(group_size=-1, bits=3, **{"eval.max_windows": None}).group_size == -1

@@ -12,7 +12,7 @@ LAYERS = [
     ["formats.packing"],
     ["formats.packed"],
     ["formats.llm_int8", "formats.lut", "formats.sparse"],
-    ["formats.io", "formats"],
+    ["formats.io", "formats", "resume"],
     ["kernels.reference", "kernels.cpu", "kernels.triton", "kernels.llm_int8", "kernels.int8_act"],
     ["kernels.lut", "kernels.sparse"],
     ["kernels"],

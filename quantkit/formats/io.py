@@ -52,6 +52,16 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -67,7 +77,10 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     run leaves at most a `.NAME.tmp-*` sibling. `out` itself is checked by check_output."""
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):       # left by a killed run
+        if not _alive(stale.name[len(out.name) + 6:].split("-")[0]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         try:
             yield tmp

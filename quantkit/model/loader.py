@@ -35,7 +35,10 @@ def resolve_source(name: str) -> str:
 def model_class(config):
     """The transformers class to build: the checkpoint's own architecture when known."""
     import transformers
-    for arch in getattr(config, "architectures", None) or []:
+    archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+        raise QuantkitError(f"config.json: architectures must be a list of class names, got {archs!r}")
+    for arch in archs:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
@@ -99,29 +102,65 @@ def check_weight_files(source: str, config) -> None:
         if not files and not any(d.glob("*.bin")):
             raise QuantkitError(f"{source}: no weights (model.safetensors, sharded safetensors with "
                                 "an index, or pytorch_model.bin) beside config.json; download them")
-    expected = {n: tuple(p.shape) for n, p in build_empty(config).state_dict().items()}
+    model = _meta_model(config)
+    params = dict(model.named_parameters())                    # tied copies counted once
+    expected = {n: (tuple(t.shape), t.is_floating_point()) for n, t in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    containers = {".".join(n.split(".")[:2]) for n in params}
+    seen: set[str] = set()
     for f in files:
         path = d / f
         try:
             with safetensors.safe_open(str(path), "pt") as st:
-                shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+                header = {k: (tuple(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype())
+                          for k in st.keys()}
         except Exception as e:                                   # SafetensorError and kin
             raise QuantkitError(f"{path}: corrupt or truncated safetensors file ({e}); download "
                                 "it again") from e
-        for key, shape in shapes.items():
-            want = _expected_shape(expected, key)
-            if want is not None and want != shape:
+        for key, (shape, dtype) in header.items():
+            name = _canonical(key, expected, prefix)
+            if name is None:
+                if key.endswith((".weight", ".bias")) and ".".join(key.split(".")[:2]) in containers:
+                    raise QuantkitError(f"{path}: tensor {key} has no place in the model config.json "
+                                        "describes (a layer count or name that does not match the "
+                                        "weights); fix config.json or download the checkpoint again")
+                continue
+            seen.add(name)
+            want, floating = expected[name]
+            if want != shape:
                 raise QuantkitError(f"{path}: tensor {key} has shape {list(shape)} but config.json "
                                     f"implies {list(want)}; the weights and config.json do not match")
+            if floating and not dtype.startswith(("F", "BF")):
+                raise QuantkitError(f"{path}: tensor {key} is stored as {dtype}, not a floating-point "
+                                    "type; the file is corrupt: download it again")
+    missing = [n for n in params if n not in seen]
+    if files and missing:
+        raise QuantkitError(f"{source}: {len(missing)} weights that config.json implies are in no "
+                            f"weight file (first: {missing[0]}); download the checkpoint again or "
+                            "fix config.json")
 
 
-def _expected_shape(expected: dict[str, tuple], key: str) -> tuple | None:
+def _canonical(key: str, expected: dict, prefix: str) -> str | None:
+    """The model's name for a checkpoint tensor, also when saved with or without the base
+    model's prefix (e.g. 'model.')."""
     if key in expected:
-        return expected[key]
-    for name, shape in expected.items():          # a checkpoint saved without the model's prefix
-        if name.endswith("." + key):
-            return shape
+        return key
+    if prefix and f"{prefix}.{key}" in expected:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+        return key[len(prefix) + 1:]
     return None
+
+
+def _meta_model(config) -> nn.Module:
+    """The architecture entirely on the meta device (nothing allocated, whatever the sizes)."""
+    cls = model_class(config)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except Exception as e:
+        raise QuantkitError(f"config.json: no {cls.__name__} can be built from it ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); fix the field or restore the file") from e
 
 
 def check_finite(model: nn.Module) -> None:

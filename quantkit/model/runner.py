@@ -70,21 +70,33 @@ def _run(block: nn.Module, inputs: BlockInputs, i: int, hidden: Tensor | None = 
 
 
 def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.device,
-                desc: str, progress: bool = True):
+                desc: str, progress: bool = True, start: int = 0,
+                hidden: list[Tensor] | None = None, after=None):
     """Yield (i, qualified name, block on device, its inputs or None without data).
 
     After the consumer is done with a block, its (possibly changed) outputs become the next
-    block's inputs, and the block goes back to the CPU.
+    block's inputs (`after(i, those inputs)` is then called; None after the last block), and
+    the block goes back to the CPU. start, hidden: begin at block `start`, whose input hidden
+    states are `hidden` (a resumed run; the other block arguments are captured afresh).
     """
     prefix, blocks = find_blocks(model)
     inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
-    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+    if start and inputs is not None and start < len(blocks):
+        inputs = BlockInputs(hidden=[h.to(device) for h in hidden], args=inputs.args,
+                             kwargs=inputs.kwargs)
+    bar = tqdm(total=len(blocks), initial=start, desc=desc, disable=not progress)
+    for i in range(start, len(blocks)):
+        block = blocks[i]
         block.to(device)
         yield i, f"{prefix}.{i}", block, inputs
         if inputs is not None and i + 1 < len(blocks):
             inputs = forward_block(block, inputs)
+        if after is not None:
+            after(i, inputs if i + 1 < len(blocks) else None)
         if device.type != "cpu":
             block.to("cpu")
+        bar.update()
+    bar.close()
 
 
 @torch.no_grad()
