@@ -142,3 +142,25 @@ def test_resuming_with_anything_changed_is_refused(src, tmp_path):
     with pytest.raises(QuantkitError, match="no interrupted run to continue"):
         quantkit.quantize(str(src / "llama"), out=str(tmp_path / "other"), resume=True,
                           method="gptq", progress=False, **base)
+
+
+def test_same_inputs_and_seed_give_identical_packed_tensors_on_1_and_2_threads(src, tmp_path):
+    kw = {"group_size": 32, "calib.n_samples": 6, "calib.seqlen": 32, "calib.batch_size": 2,
+          "calib.dataset": str(src / "text.txt")}
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 1):
+            torch.set_num_threads(t)
+            runs.append(quantkit.quantize(str(src / "llama"), method="gptq", progress=False, **kw).packed)
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for n, p in runs[0].items():
+            assert all(torch.equal(t, other[n].tensors[k]) for k, t in p.tensors.items()), n
+    out = tmp_path / "q"
+    quantkit.quantize(str(src / "llama"), method="gptq", progress=False, out=str(out), seed=5, **kw)
+    record = json.loads((out / "run.json").read_text())
+    assert record["recipe"]["seed"] == 5 and record["recipe"]["calib"]["n_samples"] == 6
+    assert {"torch", "transformers", "quantkit"} <= set(record["versions"])
