@@ -13,8 +13,7 @@ from torch import Tensor, nn
 
 from quantkit import registry
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import check_output
-from quantkit.model.loader import read_config_json
+from quantkit.formats.io import check_output, read_config_json
 from quantkit.image import CHECKPOINT_FILE, ImageReport, quantize_image_model
 from quantkit.recipe import Recipe
 

@@ -95,7 +95,7 @@ class RunState:
         acts = self.dir / "acts.pt"
         if not acts.is_file():
             return 0
-        after = torch.load(acts, weights_only=False)["after"]
+        after = torch.load(acts, weights_only=False, mmap=True)["after"]   # tensors not read
         n = 0
         while n <= after and (self.dir / f"block-{n:04d}.pt").is_file():
             n += 1

@@ -77,10 +77,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     run leaves at most a `.NAME.tmp-*` sibling. `out` itself is checked by check_output."""
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):       # left by a killed run
-        if not _alive(stale.name[len(out.name) + 6:].split("-")[0]):
+    prefix = f".{out.name}.tmp-"                              # then the writer's pid
+    for stale in out.parent.glob(prefix + "*"):               # left by a killed run
+        if not _alive(stale.name[len(prefix):].split("-")[0]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out.parent))
     try:
         try:
             yield tmp
@@ -153,15 +154,24 @@ def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedL
         return size
 
 
+def read_config_json(directory: str | Path) -> dict:
+    """A checkpoint directory's config.json as a dict, or a clear error when it is not JSON."""
+    path = Path(directory).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"{path}: corrupt config.json ({e}); restore it from the original "
+                            "checkpoint") from e
+    if not isinstance(config, dict):
+        raise QuantkitError(f"{path}: config.json holds a {type(config).__name__}, not an object")
+    return config
+
+
 def read_manifest(path: str | Path) -> dict:
     """The quantization_config of a quantkit checkpoint, or a clear error."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
+    if not (Path(path) / "config.json").is_file():
         raise QuantkitError(f"{path}: no config.json; not a checkpoint directory")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantkitError(f"{cfg_path}: corrupt config.json ({e})") from e
+    config = read_config_json(path)
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise QuantkitError(f"{path}: not a quantkit checkpoint (quant_method="

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.io import read_config_json
 from quantkit.model import zoo
 from quantkit.model.discovery import find_blocks, linears, weight_matrix
 
@@ -51,19 +52,6 @@ def _hub_error(name: str, e: Exception) -> QuantkitError:
     hint = "HF_HUB_OFFLINE=1 is set" if offline else "the hub may be unreachable"
     return QuantkitError(f"cannot load {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                          f"({hint}; pass a local checkpoint directory instead)")
-
-
-def read_config_json(directory: str | Path) -> dict:
-    """A checkpoint directory's config.json as a dict, or a clear error when it is not JSON."""
-    path = Path(directory).expanduser() / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantkitError(f"{path}: corrupt config.json ({e}); restore it from the original "
-                            "checkpoint") from e
-    if not isinstance(config, dict):
-        raise QuantkitError(f"{path}: config.json holds a {type(config).__name__}, not an object")
-    return config
 
 
 def load_config(source: str):
@@ -112,8 +100,8 @@ def check_weight_files(source: str, config) -> None:
         path = d / f
         try:
             with safetensors.safe_open(str(path), "pt") as st:
-                header = {k: (tuple(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype())
-                          for k in st.keys()}
+                header = {k: (tuple(sl.get_shape()), sl.get_dtype())
+                          for k in st.keys() for sl in [st.get_slice(k)]}
         except Exception as e:                                   # SafetensorError and kin
             raise QuantkitError(f"{path}: corrupt or truncated safetensors file ({e}); download "
                                 "it again") from e
