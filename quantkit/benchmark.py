@@ -92,9 +92,9 @@ def bench(path: str | Path, batches: list[int], prompt: int = 128, tokens: int =
           device: str = "cpu", kernel: str = "auto", variants=VARIANTS, repeats: int = 3) -> dict:
     """Run every variant in its own process; speedups at the first batch size."""
     path = Path(path)
-    from quantkit.formats.io import WEIGHTS, read_manifest
+    from quantkit.formats.io import read_manifest, weight_files
     read_manifest(path)  # a clear error before spawning anything
-    out = {"checkpoint": str(path), "file_mib": (path / WEIGHTS).stat().st_size / 2**20,
+    out = {"checkpoint": str(path), "file_mib": sum(f.stat().st_size for f in weight_files(path)) / 2**20,
            "device": device, "torch_threads": torch.get_num_threads(), "prompt": prompt,
            "tokens": tokens, "variants": {}}
     for v in variants:

@@ -30,12 +30,13 @@ from quantkit import registry
 from quantkit.alloc.table import CostTable, check_budget, tie
 from quantkit.calib.text import calibration_batches, user_calibration
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import check_output, save_checkpoint
+from quantkit.formats.io import check_output, save_checkpoint, state_dict_for_save, weight_files, write_shard
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
-from quantkit.model.loader import check_finite, layer_shapes, load_model
-from quantkit.model.runner import BlockInputs, forward_block, input_groups, walk_blocks
-from quantkit.resume import RunState, fingerprint
+from quantkit.model.loader import check_finite, layer_shapes, load_model, resolve_source, stream_model
+from quantkit.model.stream import checkpoint_bytes, streamed
+from quantkit.model.runner import BlockInputs, Offload, OnDisk, forward_block, input_groups, walk_blocks
+from quantkit.resume import RunState, fingerprint, state_dir
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
 from quantkit.recipe import Recipe
 from quantkit.report import write_report
@@ -73,11 +74,14 @@ class Report:
     def to_dict(self) -> dict:
         return {k: copy.deepcopy(getattr(self, k)) for k in self.SUMMARY}
 
-    def save(self, out: str | Path, overwrite: bool = False) -> "Report":
+    def save(self, out: str | Path, overwrite: bool = False,
+             shards: tuple[Path, int] | None = None) -> "Report":
         """Write the packed checkpoint to `out` (atomically: all of it or nothing; an existing
-        `out` is replaced only with overwrite=True)."""
+        `out` is replaced only with overwrite=True). shards: a streamed run's weight shards,
+        already written (formats.io.save_checkpoint)."""
         if self.model is None or self.recipe is None:
-            raise QuantkitError("this report holds no model to save")
+            raise QuantkitError("this report holds no model to save" + (
+                f" (a streamed run wrote its output as it went: {self.out})" if self.out else ""))
         self.out = str(out)
         recipe = self.recipe.with_overrides(out=self.out)
 
@@ -86,7 +90,7 @@ class Report:
             return {"recipe.yaml": recipe.to_yaml(),
                     "run.json": json.dumps(_provenance(recipe, self), indent=2)}
         save_checkpoint(out, self.model, self.packed, self.tokenizer,
-                        {"recipe": recipe.to_dict(), "source": self.source}, files, overwrite)
+                        {"recipe": recipe.to_dict(), "source": self.source}, files, overwrite, shards)
         return self
 
 
@@ -99,6 +103,8 @@ class Loaded:
     batches: list[torch.Tensor] | None   # calibration token windows, when the run needs data
     layer_names: list[str]            # every block linear, in block order
     device: torch.device
+    stream: bool = False              # weights read from the checkpoint block by block (model.stream)
+    offload: Offload | None = None    # where calibration activations live between blocks
 
 
 def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
@@ -130,6 +136,8 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
                                           asdict(recipe.section(hooks.section, hooks.config)).items()})
     m = _load(recipe, hooks, _uses_table(recipe.alloc) or getattr(compressor, "needs_stats", True),
               model, tokenizer, calib)
+    if m.stream and not recipe.out:
+        raise QuantkitError("a streamed run writes its output block by block: give it --out (out=)")
     state = None
     if recipe.out:
         state = RunState(recipe.out, fingerprint(m.source, m.model, m.batches, recipe.to_dict()), resume)
@@ -141,8 +149,9 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
     packed, info = compress_model(m.model, m.batches, plan, compressor, m.device,
                                   recipe.true_sequential, recipe.fp_target, progress,
                                   token_weights=hooks.token_weights(recipe) if hooks.token_weights else None,
-                                  state=state)
-    m.model.to("cpu")
+                                  state=state, offload=m.offload, n_shards=_n_shards(m.model) if m.stream else None)
+    if not m.stream:
+        m.model.to("cpu")
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
     report = Report(method=recipe.method if recipe.prune is None else f"{recipe.prune} {recipe.pattern}"
@@ -152,8 +161,10 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
                     recipe=recipe, source=m.source)
     if recipe.out:
         report.seconds = time.time() - t0
-        report.save(recipe.out, overwrite)
+        report.save(recipe.out, overwrite, _write_outside(m.model, state) if m.stream else None)
         state.finish()
+    if m.stream:
+        report.model = None       # a skeleton: the weights are in the output, nowhere in memory
     report.seconds = time.time() - t0
     return report
 
@@ -225,8 +236,9 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
     windows."""
     seed_everything(recipe.seed)
     device = check_device(recipe.device)
+    stream = model is None and _streams(recipe, hooks)
     if model is None:
-        model, loaded_tokenizer, source = load_model(recipe.model)
+        model, loaded_tokenizer, source = (stream_model if stream else load_model)(recipe.model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     else:
         find_blocks(model)                                  # unsupported architectures fail here
@@ -249,8 +261,84 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
         else:
             batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
                                        c.batch_size)
-    _place_outside_blocks(model, blocks, device)
-    return Loaded(model, tokenizer, source, batches, layer_names, device)
+    if not stream:
+        _place_outside_blocks(model, blocks, device)
+    return Loaded(model, tokenizer, source, batches, layer_names, device, stream,
+                  _offload(recipe, model, stream))
+
+
+def memory_budget(recipe: Recipe) -> int:
+    """recipe.max_memory in bytes ("8GB", "512MiB", a plain number of bytes), or the RAM
+    available now."""
+    if recipe.max_memory is None:
+        return available_memory()
+    text = str(recipe.max_memory).strip().upper().replace(" ", "")
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9,
+             "MB": 10**6, "KB": 10**3, "T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1, "": 1}
+    number = text.rstrip("TGMKIB")
+    unit = text[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        value = -1
+    if value <= 0:
+        raise QuantkitError(f"--max-memory {recipe.max_memory!r}: give a size such as 8GB or 512MiB")
+    return int(value)
+
+
+def available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62                              # unknown: no limit
+
+
+def _streams(recipe: Recipe, hooks: registry.Hooks) -> bool:
+    """Whether the run streams its weights (model.stream): recipe.stream, or (None) when the
+    model in fp32 would take more than half the memory budget and nothing forbids it."""
+    if recipe.stream is False:
+        return False
+    why = _why_not_streamed(recipe, hooks)
+    if recipe.stream:
+        if why:
+            raise QuantkitError(f"--stream: {why}")
+        return True
+    if why:
+        return False
+    return 2 * checkpoint_bytes(resolve_source(recipe.model)) > memory_budget(recipe)
+
+
+def _why_not_streamed(recipe: Recipe, hooks: registry.Hooks) -> str | None:
+    if hooks.prepare:
+        return (f"{recipe.method} transforms the whole model before calibration, which needs it in "
+                "memory; run without --stream")
+    if _uses_table(recipe.alloc) and not getattr(registry.get("sensitivity", recipe.sensitivity),
+                                                 "streams", False):
+        able = [n for n in registry.names("sensitivity") if getattr(registry.get("sensitivity", n), "streams", False)]
+        return (f"--sensitivity {recipe.sensitivity} runs the whole model at once; use "
+                f"{' or '.join(able)}, or run without --stream")
+    if not recipe.out:
+        return "a streamed run writes its output block by block: give it --out (out=)"
+    source = Path(resolve_source(recipe.model))
+    if not source.is_dir() or not any(f.is_file() for f in weight_files(source)):
+        return (f"{recipe.model}: streaming reads a local checkpoint with safetensors weights; "
+                "download it (or convert pytorch_model.bin to safetensors) first")
+    return None
+
+
+def _offload(recipe: Recipe, model: nn.Module, stream: bool) -> Offload:
+    """recipe.offload_activations, or (a streamed run) files beside the output when the
+    calibration activations would take more than a quarter of the memory budget."""
+    if recipe.offload_activations is not None:
+        return Offload(recipe.offload_activations)
+    if not stream:
+        return Offload(None)
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
+    size = recipe.calib.n_samples * recipe.calib.seqlen * hidden * 4 * (2 if recipe.fp_target else 1)
+    return Offload(state_dir(recipe.out) / "acts" if 4 * size > memory_budget(recipe) else None)
 
 
 def seed_everything(seed: int) -> None:
@@ -373,7 +461,8 @@ def method(recipe: Recipe):
 def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: dict[str, QSpec],
                    compressor, device: torch.device, true_sequential: bool = True,
                    fp_target: bool = False, progress: bool = True,
-                   token_weights: TokenWeights | None = None, state: RunState | None = None
+                   token_weights: TokenWeights | None = None, state: RunState | None = None,
+                   offload: Offload | None = None, n_shards: int | None = None
                    ) -> tuple[dict[str, PackedLinear], dict]:
     """Compress every planned linear, block by block; the model ends up fake-quantized.
 
@@ -384,28 +473,49 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
     quantized. With fp_target the
     cross term gets the same weights, so the target stays the weighted least-squares one.
     state: record each finished block there, and begin after the blocks it already holds.
+    offload: where activations live between blocks (default: memory). n_shards: the model
+    streams its weights (model.stream): each finished block's tensors go to its weight shard
+    in `state` (of n_shards) at once, and only their shapes stay in the returned layers.
     """
     packed, info, hidden, hidden_fp, start = {}, {}, None, None, 0
     if state is not None and state.start:
         packed, info, hidden, hidden_fp = state.restore()
         start = state.start
         for n, p in packed.items():
-            set_weight_matrix(model.get_submodule(n), p.dequantize())
+            if n_shards is None:
+                set_weight_matrix(model.get_submodule(n), p.dequantize())
     inputs_fp = None
-    n_blocks = len(find_blocks(model)[1])
+    prefix, blocks = find_blocks(model)
+    n_blocks = len(blocks)
 
     def after(i: int, next_inputs) -> None:
-        if state is not None:
-            mine = [n for n in packed if n.startswith(f"{block_name}.")]
-            state.block_done(i, {n: packed[n] for n in mine}, {n: info[n] for n in mine},
-                             None if next_inputs is None else next_inputs.hidden,
-                             None if not fp_target or next_inputs is None else inputs_fp.hidden)
+        nonlocal inputs_fp, ref
+        if ref is not None and i + 1 < n_blocks:
+            before, inputs_fp = inputs_fp, forward_block(ref, inputs_fp, offload)
+            if isinstance(before.hidden, OnDisk):
+                before.hidden.remove()
+        ref = None
+        if state is None:
+            return
+        mine = [n for n in packed if n.startswith(f"{prefix}.{i}.")]
+        shard = None
+        if n_shards is not None:
+            rel = {n[len(f"{prefix}.{i}."):]: packed[n] for n in mine}
+            shard = (n_shards, {f"{prefix}.{i}.{k}": t
+                                for k, t in state_dict_for_save(blocks[i], rel).items()})
+            for n in mine:
+                packed[n] = shapes_only(packed[n])
+        state.block_done(i, {n: packed[n] for n in mine}, {n: info[n] for n in mine},
+                         None if next_inputs is None else next_inputs.hidden,
+                         None if not fp_target or next_inputs is None else inputs_fp.hidden, shard)
+    ref = None
     for i, block_name, block, inputs in walk_blocks(model, batches, device, "blocks", progress,
-                                                     start, hidden, after):
+                                                     start, hidden, after, offload):
         ref = copy.deepcopy(block) if fp_target and inputs is not None else None
         if inputs_fp is None and inputs is not None:
             inputs_fp = inputs if hidden_fp is None else BlockInputs(
-                [h.to(device) for h in hidden_fp], inputs.args, inputs.kwargs)
+                hidden_fp if isinstance(hidden_fp, OnDisk) else [h.to(device) for h in hidden_fp],
+                inputs.args, inputs.kwargs)
         mods = linears(block)
         full = lambda n: f"{block_name}.{n}"  # noqa: E731
         todo = [n for n in mods if full(n) in plan]
@@ -425,9 +535,43 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
                 stats = accs[g[0]].finalize()
                 for n in g:
                     _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
-        if ref is not None and i + 1 < n_blocks:
-            inputs_fp = forward_block(ref, inputs_fp)
     return packed, info
+
+
+def shapes_only(p: PackedLinear) -> PackedLinear:
+    """The layer's format, shape and metadata, its tensors as meta (sizes kept, no memory)."""
+    return PackedLinear(p.format, p.shape, {k: t.to("meta") for k, t in p.tensors.items()}, p.meta)
+
+
+def _outside(model: nn.Module) -> list[str]:
+    """Names of the tensors a checkpoint of `model` saves outside its blocks (tied copies once)."""
+    prefix, _ = find_blocks(model)
+    seen, names = set(), []
+    for n, t in model.state_dict(keep_vars=True).items():
+        if not n.startswith(prefix + ".") and id(t) not in seen:
+            seen.add(id(t))
+            names.append(n)
+    return names
+
+
+def _n_shards(model: nn.Module) -> int:
+    """A streamed output's shards: one per block, then one per tensor outside the blocks."""
+    return len(find_blocks(model)[1]) + len(_outside(model))
+
+
+def _write_outside(model: nn.Module, state: RunState) -> tuple[Path, int]:
+    """Write the tensors outside the blocks (embeddings, final norm, head) of a streamed model
+    into their shards, one at a time; returns (shard directory, number of shards)."""
+    stream, n = streamed(model), _n_shards(model)
+    first = len(find_blocks(model)[1])
+    for j, name in enumerate(_outside(model)):
+        mod, _, leaf = name.rpartition(".")
+        sub = model.get_submodule(mod)
+        if leaf in sub._parameters:
+            stream.materialize(sub, mod, torch.device("cpu"))
+        write_shard(state.dir, first + j, n, {name: model.get_submodule(mod).state_dict()[leaf].detach()})
+        stream.release(sub, recurse=False)
+    return state.dir, n
 
 
 def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, spec: QSpec | None,
@@ -455,8 +599,8 @@ def _compress(name: str, mod: nn.Module, compressor, stats: LayerStats | None, s
 def _param_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        if id(p) not in seen:
+            seen.add(id(p))
             total += p.numel() * 4
     return total
 

@@ -53,6 +53,9 @@ class Recipe:
     pattern: str = "2:4"            # prune: keep N of every M weights along the input dimension
     seed: int = 0
     device: str = "cpu"
+    stream: bool | None = None      # weights read block by block from the shards (None: when the model would not fit in max_memory)
+    max_memory: str | None = None   # memory budget, e.g. "8GB" (default: the RAM available at start)
+    offload_activations: str | None = None   # keep calibration activations in files here (default: on disk beside out when over budget)
     out: str | None = None
     report: str | None = None       # directory for the allocation report (JSON + PNG plots)
     calib: CalibConfig = field(default_factory=CalibConfig)

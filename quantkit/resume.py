@@ -20,10 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.io import write_shard
 from quantkit.formats.packed import PackedLinear
 from quantkit.version import __version__
 
 FINGERPRINT = "fingerprint.json"
+# recipe fields that change where and how a run works, never its result: a resumed run may differ
+NEUTRAL = ("out", "stream", "max_memory", "offload_activations")
 
 
 def state_dir(out: str | Path) -> Path:
@@ -47,7 +50,7 @@ def fingerprint(source: str, model: nn.Module, batches: list[Tensor] | None, rec
     for b in batches or []:
         calib.update(b.cpu().numpy().tobytes())
     return {"model": {"source": source, "files": files}, "calibration": calib.hexdigest(),
-            "recipe": {k: v for k, v in recipe.items() if k != "out"},
+            "recipe": {k: v for k, v in recipe.items() if k not in NEUTRAL},
             "versions": {"quantkit": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}}
 
@@ -91,7 +94,8 @@ class RunState:
                                 "to start over")
 
     def _done(self) -> int:
-        """Blocks done: consecutive block files, up to the block the saved activations follow."""
+        """Blocks done: consecutive block files, up to the block the saved activations follow
+        (a streamed run writes each block's weight shard before its block file)."""
         acts = self.dir / "acts.pt"
         if not acts.is_file():
             return 0
@@ -121,7 +125,13 @@ class RunState:
         return packed, info, acts["hidden"], acts["hidden_fp"]
 
     def block_done(self, i: int, packed: dict[str, PackedLinear], info: dict,
-                   hidden: list[Tensor] | None, hidden_fp: list[Tensor] | None) -> None:
+                   hidden: list[Tensor] | None, hidden_fp: list[Tensor] | None,
+                   shard: tuple[int, dict[str, Tensor]] | None = None) -> None:
+        """Record block i: its packed layers (in a streamed run, whose tensors are in the
+        `shard` = (n shards, tensors) written here first, only their shapes) and the
+        activations after it."""
+        if shard is not None:
+            write_shard(self.dir, i, shard[0], shard[1])
         _save({"packed": {n: (p.format, p.shape, p.tensors, p.meta) for n, p in packed.items()},
                "info": info}, self.dir / f"block-{i:04d}.pt")
         _save({"after": i, "hidden": hidden, "hidden_fp": hidden_fp}, self.dir / "acts.pt")

@@ -16,7 +16,7 @@ LAYERS = [
     ["kernels.reference", "kernels.cpu", "kernels.triton", "kernels.llm_int8", "kernels.int8_act"],
     ["kernels.lut", "kernels.sparse"],
     ["kernels"],
-    ["model.discovery", "model.zoo", "model.runner", "model.convnet"],
+    ["model.discovery", "model.zoo", "model.stream", "model.runner", "model.convnet"],
     ["model.loader", "model"],
     ["quant.grid", "quant.levels", "quant.rotation", "quant.act", "alloc.table"],
     ["stats"],

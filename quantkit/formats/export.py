@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import WEIGHTS, atomic_dir, check_output, load_tensors, packed_from_tensors, read_manifest
+from quantkit.formats.io import INDEX, WEIGHTS, atomic_dir, check_output, load_tensors, packed_from_tensors, read_manifest, weight_files
 from quantkit.formats.packed import PackedLinear, int_parts
 from quantkit.formats.packing import pack
 from quantkit.model.discovery import fused_groups
@@ -226,9 +226,10 @@ def export(src: str | Path, out: str | Path, fmt: str, overwrite: bool = False) 
     quant_tensors, qconfig, extra = WRITERS[fmt](packed, src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig
+    skip = {"config.json", INDEX, *(f.name for f in weight_files(src))}
     with atomic_dir(out, overwrite) as tmp:
         for f in src.iterdir():
-            if f.is_file() and f.name not in ("config.json", WEIGHTS):
+            if f.is_file() and f.name not in skip:
                 shutil.copy2(f, tmp / f.name)
         save_file({**tensors, **quant_tensors}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -21,6 +21,7 @@ from quantkit.formats.packed import PackedLinear
 from quantkit.formats.sparse import wrapper_overhead
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"       # a sharded (streamed) output's weights
 QUANT_METHOD = "quantkit"
 FORMAT_VERSION = 1
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -131,20 +132,45 @@ def state_dict_for_save(model: nn.Module, packed: dict[str, PackedLinear]) -> di
 def save_packed(dir: Path, model: nn.Module, packed: dict[str, PackedLinear], extra: dict) -> None:
     """Write config.json (with the manifest) and model.safetensors into dir."""
     save_file(state_dict_for_save(model, packed), str(dir / WEIGHTS), metadata={"format": "pt"})
+    _write_config(dir, model, packed, extra)
+
+
+def _write_config(dir: Path, model: nn.Module, packed: dict[str, PackedLinear], extra: dict) -> None:
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(packed, extra)
     (dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
+def shard_name(i: int, n: int) -> str:
+    """The i-th (from 0) of n weight shards, named as transformers names them."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard(directory: Path, i: int, n: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """One shard of a streamed output, whole or absent (written aside, fsynced, renamed)."""
+    path = Path(directory) / shard_name(i, n)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    _fsync(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedLinear], tokenizer,
-                    extra: dict, files: Callable[[int], dict[str, str]], overwrite: bool = False) -> int:
+                    extra: dict, files: Callable[[int], dict[str, str]], overwrite: bool = False,
+                    shards: tuple[Path, int] | None = None) -> int:
     """Write the whole output directory atomically: weights + manifest, tokenizer (when there is
     one), generation config and the text files `files(weights' size in bytes)` names; returns
-    the weights' size."""
+    the weights' size. shards: (directory, n) where a streamed run already wrote its n weight
+    shards; they are moved in (with an index) instead of writing the model's tensors."""
     with atomic_dir(out, overwrite) as tmp:
-        save_packed(tmp, model, packed, extra)
-        size = (tmp / WEIGHTS).stat().st_size
+        if shards is None:
+            save_packed(tmp, model, packed, extra)
+            size = (tmp / WEIGHTS).stat().st_size
+        else:
+            size = _move_shards(shards[0], shards[1], tmp)
+            _write_config(tmp, model, packed, extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -152,6 +178,35 @@ def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedL
         for name, text in files(size).items():
             (tmp / name).write_text(text)
         return size
+
+
+def _move_shards(src: Path, n: int, dst: Path) -> int:
+    weight_map, size = {}, 0
+    for i in range(n):
+        name = shard_name(i, n)
+        os.replace(Path(src) / name, dst / name)
+        with safetensors.safe_open(str(dst / name), "pt") as f:
+            for k in f.keys():
+                weight_map[k] = name
+                sl = f.get_slice(k)
+                size += math.prod(sl.get_shape()) * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": size},
+                                         "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return sum((dst / shard_name(i, n)).stat().st_size for i in range(n))
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards its index names, else its
+    *.safetensors files (model.safetensors, reported missing by the reader, when none)."""
+    path = Path(path)
+    index = path / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise QuantkitError(f"{index}: corrupt shard index ({e}); re-run the quantization") from e
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors")) or [path / WEIGHTS]
 
 
 def read_config_json(directory: str | Path) -> dict:
@@ -194,15 +249,16 @@ def inspect_checkpoint(path: str | Path) -> dict:
     (read from the safetensors headers, no tensor loaded); totals; ARMOR wrappers' overhead."""
     layers = read_manifest(path)["layers"]
     sizes, wrap = {}, {}
-    with safetensors.safe_open(str(Path(path) / WEIGHTS), "pt") as f:
-        for k in f.keys():
-            mod, _, leaf = k.rpartition(".")
-            if mod in layers and leaf != "bias":
-                sl = f.get_slice(k)
-                n = math.prod(sl.get_shape())
-                sizes[mod] = sizes.get(mod, 0) + n * 8 * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
-                if leaf in ("pre", "post"):    # ARMOR's block-diagonal wrappers
-                    wrap[mod] = wrap.get(mod, 0) + n
+    for file in weight_files(path):
+        with safetensors.safe_open(str(file), "pt") as f:
+            for k in f.keys():
+                mod, _, leaf = k.rpartition(".")
+                if mod in layers and leaf != "bias":
+                    sl = f.get_slice(k)
+                    n = math.prod(sl.get_shape())
+                    sizes[mod] = sizes.get(mod, 0) + n * 8 * SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                    if leaf in ("pre", "post"):    # ARMOR's block-diagonal wrappers
+                        wrap[mod] = wrap.get(mod, 0) + n
     rows = {name: {"format": info["format"] + (f" {info['n']}:{info['m']}" if "n" in info else ""),
                    "bits": info.get("bits"), "group_size": info.get("group_size"),
                    "bpw": sizes[name] / (info["shape"][0] * info["shape"][1])}
@@ -216,14 +272,17 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, or a clear error for a missing or corrupt file."""
-    f = Path(path) / WEIGHTS
-    if not f.is_file():
-        raise QuantkitError(f"{path}: {WEIGHTS} is missing; the checkpoint is incomplete")
-    try:
-        return load_file(str(f))
-    except Exception as e:
-        raise QuantkitError(f"{f}: corrupt safetensors file ({e}); re-run the quantization") from e
+    """All tensors of a checkpoint (one file or shards), or a clear error for a missing or
+    corrupt file."""
+    tensors = {}
+    for f in weight_files(path):
+        if not f.is_file():
+            raise QuantkitError(f"{path}: {f.name} is missing; the checkpoint is incomplete")
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:
+            raise QuantkitError(f"{f}: corrupt safetensors file ({e}); re-run the quantization") from e
+    return tensors
 
 
 def packed_from_tensors(tensors: dict[str, torch.Tensor], manifest: dict) -> dict[str, PackedLinear]:

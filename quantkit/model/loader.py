@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.io import read_config_json
+from quantkit.formats.io import read_config_json, weight_files
 from quantkit.model import zoo
 from quantkit.model.discovery import find_blocks, linears, weight_matrix
+from quantkit.model.stream import ATTR, Streamed, canonical, non_finite
 
 
 def resolve_source(name: str) -> str:
@@ -106,7 +107,7 @@ def check_weight_files(source: str, config) -> None:
             raise QuantkitError(f"{path}: corrupt or truncated safetensors file ({e}); download "
                                 "it again") from e
         for key, (shape, dtype) in header.items():
-            name = _canonical(key, expected, prefix)
+            name = canonical(key, expected, prefix)
             if name is None:
                 if key.endswith((".weight", ".bias")) and ".".join(key.split(".")[:2]) in containers:
                     raise QuantkitError(f"{path}: tensor {key} has no place in the model config.json "
@@ -128,18 +129,6 @@ def check_weight_files(source: str, config) -> None:
                             "fix config.json")
 
 
-def _canonical(key: str, expected: dict, prefix: str) -> str | None:
-    """The model's name for a checkpoint tensor, also when saved with or without the base
-    model's prefix (e.g. 'model.')."""
-    if key in expected:
-        return key
-    if prefix and f"{prefix}.{key}" in expected:
-        return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-        return key[len(prefix) + 1:]
-    return None
-
-
 def _meta_model(config) -> nn.Module:
     """The architecture entirely on the meta device (nothing allocated, whatever the sizes)."""
     cls = model_class(config)
@@ -153,17 +142,11 @@ def _meta_model(config) -> nn.Module:
 
 def check_finite(model: nn.Module) -> None:
     """Every parameter finite, or an error naming the first bad tensor."""
-    bad = [(n, int((~torch.isfinite(p)).sum())) for n, p in model.named_parameters()
-           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
-    if bad:
-        name, count = bad[0]
-        raise QuantkitError(f"weight {name} holds {count} NaN/Inf values ({len(bad)} tensors in "
-                            "all): the checkpoint is corrupt or was saved after a diverged step")
+    non_finite(model.named_parameters())
 
 
-def load_model(name: str, device: str = "cpu", dtype=torch.float32):
-    """(model in eval mode, tokenizer, source) for an original checkpoint to quantize."""
-    from transformers import AutoTokenizer
+def _original(name: str):
+    """(source, config) of an original checkpoint to quantize, its weight files checked."""
     source = resolve_source(name)
     config = load_config(source)
     qc = getattr(config, "quantization_config", None)
@@ -171,14 +154,45 @@ def load_model(name: str, device: str = "cpu", dtype=torch.float32):
         raise QuantkitError(f"{name} is already quantized by quantkit; load it with quantkit.load()")
     if Path(source).is_dir():
         check_weight_files(source, config)
+    return source, config
+
+
+def _tokenizer(source: str):
+    from transformers import AutoTokenizer
     try:
-        model = model_class(config).from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from e
+
+
+def load_model(name: str, device: str = "cpu", dtype=torch.float32):
+    """(model in eval mode, tokenizer, source) for an original checkpoint to quantize."""
+    source, config = _original(name)
+    try:
+        model = model_class(config).from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from e
+    tokenizer = _tokenizer(source)
     find_blocks(model)  # fail early on unsupported architectures
     check_finite(model)
     return model.to(device).eval(), tokenizer, source
+
+
+def stream_model(name: str, dtype=torch.float32):
+    """(skeleton model whose weights stay in the checkpoint's files until a block needs them
+    (model.stream), tokenizer, source): nothing but the buffers is allocated here."""
+    source, config = _original(name)
+    if not Path(source).is_dir() or not weight_files(source)[0].is_file():
+        raise QuantkitError(f"{name}: streaming reads a local checkpoint with safetensors weights; "
+                            "download it (or convert pytorch_model.bin to safetensors) first")
+    model = build_empty(config).eval()
+    find_blocks(model)
+    model.config.dtype = dtype                  # as from_pretrained(dtype=) records it
+    if (Path(source) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    setattr(model, ATTR, Streamed(model, source, dtype))
+    return model, _tokenizer(source), source
 
 
 def build_empty(config) -> nn.Module:

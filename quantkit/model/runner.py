@@ -1,14 +1,19 @@
 """The sequential block runner: capture block 0's inputs once, then feed blocks one by one."""
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from tqdm.auto import tqdm
 
+from quantkit.errors import QuantkitError
 from quantkit.model.discovery import find_blocks, linears
+from quantkit.model.stream import streamed
 
 
 class _Stop(Exception):
@@ -18,7 +23,7 @@ class _Stop(Exception):
 @dataclass
 class BlockInputs:
     """Per calibration batch: the hidden states and the other arguments the block needs."""
-    hidden: list[Tensor]
+    hidden: list[Tensor] | "OnDisk"
     args: list[tuple] = field(default_factory=list)     # positional args after the hidden state
     kwargs: list[dict] = field(default_factory=list)     # masks, position ids / embeddings, ...
 
@@ -31,6 +36,53 @@ def _to(obj, device):
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+class OnDisk:
+    """Hidden states kept as one file per calibration batch (activation offload): read back
+    one at a time, onto `device`, when a block asks for batch i."""
+
+    def __init__(self, paths: list[Path], device: torch.device):
+        self.paths, self.device = paths, device
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        try:
+            return torch.load(self.paths[i], weights_only=True).to(self.device)
+        except FileNotFoundError as e:
+            raise QuantkitError(f"offloaded activations {self.paths[i]} are gone; the run cannot "
+                                "continue: delete its resume state and start over") from e
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def remove(self) -> None:
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
+
+class Offload:
+    """Where block outputs go between blocks: memory (directory None) or files in `directory`,
+    one generation per block, the older one deleted once the next is written and recorded."""
+
+    def __init__(self, directory: str | Path | None):
+        self.dir = None if directory is None else Path(directory)
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def keep(self, tensors, device: torch.device):
+        if self.dir is None:
+            return list(tensors)
+        self.count += 1
+        paths = []
+        for j, t in enumerate(tensors):
+            path = self.dir / f"acts-{os.getpid()}-{self.count:05d}-{j:04d}.pt"
+            torch.save(t.detach().cpu(), path)
+            paths.append(path)
+        return OnDisk(paths, device)
 
 
 @torch.no_grad()
@@ -53,56 +105,78 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Tenso
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    stream = streamed(model)
     try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
-                pass
+        with stream.lazily(first_block, device) if stream else nullcontext():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     return got
 
 
-def _run(block: nn.Module, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor:
+def run_block(block: nn.Module, inputs: BlockInputs, i: int, hidden: Tensor | None = None) -> Tensor:
     out = block(inputs.hidden[i] if hidden is None else hidden, *inputs.args[i], **inputs.kwargs[i])
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.device,
                 desc: str, progress: bool = True, start: int = 0,
-                hidden: list[Tensor] | None = None, after=None):
+                hidden: list[Tensor] | OnDisk | None = None, after=None, offload: Offload | None = None):
     """Yield (i, qualified name, block on device, its inputs or None without data).
 
     After the consumer is done with a block, its (possibly changed) outputs become the next
     block's inputs (`after(i, those inputs)` is then called; None after the last block), and
-    the block goes back to the CPU. start, hidden: begin at block `start`, whose input hidden
+    the block goes back to the CPU, or, when the model streams its weights from disk
+    (model.stream), is released. start, hidden: begin at block `start`, whose input hidden
     states are `hidden` (a resumed run; the other block arguments are captured afresh).
+    offload: where the hidden states between blocks are kept (default: memory).
     """
     prefix, blocks = find_blocks(model)
+    stream = streamed(model)
+    offload = offload or Offload(None)
     inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
-    if start and inputs is not None and start < len(blocks):
-        inputs = BlockInputs(hidden=[h.to(device) for h in hidden], args=inputs.args,
-                             kwargs=inputs.kwargs)
+    if inputs is not None:
+        if start and start < len(blocks):
+            inputs = BlockInputs(hidden=hidden if isinstance(hidden, OnDisk) else
+                                 [h.to(device) for h in hidden], args=inputs.args, kwargs=inputs.kwargs)
+        elif offload.dir is not None:
+            inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
     bar = tqdm(total=len(blocks), initial=start, desc=desc, disable=not progress)
     for i in range(start, len(blocks)):
         block = blocks[i]
-        block.to(device)
+        if stream:
+            stream.materialize(block, f"{prefix}.{i}", device)
+        else:
+            block.to(device)
         yield i, f"{prefix}.{i}", block, inputs
+        before = inputs
         if inputs is not None and i + 1 < len(blocks):
-            inputs = forward_block(block, inputs)
+            inputs = forward_block(block, inputs, offload)
         if after is not None:
             after(i, inputs if i + 1 < len(blocks) else None)
-        if device.type != "cpu":
+        if isinstance(before.hidden if before is not None else None, OnDisk) and before is not inputs:
+            before.hidden.remove()
+        if stream:
+            stream.release(block)
+        elif device.type != "cpu":
             block.to("cpu")
         bar.update()
     bar.close()
 
 
 @torch.no_grad()
-def forward_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+def forward_block(block: nn.Module, inputs: BlockInputs, offload: Offload | None = None) -> BlockInputs:
     """The block's outputs for every batch, packaged as the next block's inputs."""
-    hidden = [_run(block, inputs, i) for i in range(len(inputs.hidden))]
+    device = inputs.hidden.device if isinstance(inputs.hidden, OnDisk) else None
+    hidden = (run_block(block, inputs, i) for i in range(len(inputs.hidden)))
+    if offload is not None and offload.dir is not None:
+        hidden = offload.keep(hidden, device or next(block.parameters()).device)
+    else:
+        hidden = list(hidden)
     return BlockInputs(hidden=hidden, args=inputs.args, kwargs=inputs.kwargs)
 
 
@@ -118,7 +192,7 @@ def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
             order.setdefault(name, id(args[0]))
         handles.append(m.register_forward_pre_hook(hook))
     try:
-        _run(block, inputs, 0)
+        run_block(block, inputs, 0)
     finally:
         for h in handles:
             h.remove()
@@ -161,6 +235,6 @@ def submodule_inputs(block: nn.Module, inputs: BlockInputs, i: int, sub: nn.Modu
 
 def run_until_stop(block: nn.Module, inputs: BlockInputs, i: int) -> None:
     try:
-        _run(block, inputs, i)
+        run_block(block, inputs, i)
     except _Stop:
         pass

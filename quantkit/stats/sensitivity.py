@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import tempfile
 from typing import Callable
 
 import torch
@@ -21,7 +22,10 @@ from tqdm.auto import tqdm
 from quantkit import registry
 from quantkit.alloc.table import CostTable
 from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
-from quantkit.model.runner import input_groups, walk_blocks
+from quantkit.model.discovery import find_blocks
+from quantkit.model.runner import (BlockInputs, Offload, capture_inputs, forward_block, input_groups,
+                                   run_block, walk_blocks)
+from quantkit.model.stream import streamed
 from quantkit.stats.hessian import collect_hessians, proxy_loss
 from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.types import QSpec
@@ -29,6 +33,8 @@ from quantkit.types import QSpec
 
 def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
     """Mean squared gradient of the next-token loss w.r.t. each named linear's outputs [out]."""
+    if streamed(model) is not None:
+        return _streamed_fisher(model, batches, names)
     sums: dict[str, Tensor] = {}
     count = 0
     handles = []
@@ -54,6 +60,81 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> 
         for p, w in zip(model.parameters(), was):
             p.requires_grad_(w)
     return {n: s / count for n, s in sums.items()}
+
+
+def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
+    """output_fisher with one block in memory at a time (a model streamed from disk): a forward
+    pass block by block keeps each block's inputs (on disk), the loss comes from the last
+    block's outputs through the rest of the model, then the backward pass runs block by block
+    in reverse, each block recomputed from its kept inputs. The same sums, in the same order."""
+    stream = streamed(model)
+    prefix, blocks = find_blocks(model)
+    device = torch.device("cpu")
+    wanted = set(names)
+    sums: dict[str, Tensor] = {}
+    with tempfile.TemporaryDirectory(prefix="quantkit-fisher-") as tmp:
+        offload = Offload(tmp)
+        inputs = capture_inputs(model, blocks[0], batches, device)
+        inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
+        kept = []
+        for i, block in enumerate(blocks):               # forward, keeping each block's inputs
+            stream.materialize(block, f"{prefix}.{i}", device)
+            with torch.no_grad():
+                if i == len(blocks) - 1:                 # what the blocks return, to stand in for them
+                    raw = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
+                kept.append(inputs)
+                inputs = forward_block(block, inputs, offload)
+            stream.release(block)
+        grads = []
+        for j, ids in enumerate(batches):                # the loss from the last block's outputs
+            h = inputs.hidden[j].requires_grad_(True)
+            logits = _tail(model, blocks, ids, h, raw, stream, device).logits.float()
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                            reduction="sum").backward()
+            grads.append(h.grad)
+        for i in reversed(range(len(blocks))):           # backward, block by block
+            block = blocks[i]
+            stream.materialize(block, f"{prefix}.{i}", device)
+            handles = []
+            for n, m in linears(block).items():
+                if f"{prefix}.{i}.{n}" in wanted:
+                    def hook(_m, _gin, gout, name=f"{prefix}.{i}.{n}"):
+                        g = gout[0].detach().float().reshape(-1, gout[0].shape[-1])
+                        sums[name] = sums.get(name, 0) + (g * g).sum(0)
+                    handles.append(m.register_full_backward_hook(hook))
+            try:
+                for j in range(len(batches)):
+                    x = kept[i].hidden[j].requires_grad_(True)
+                    run_block(block, kept[i], j, x).backward(grads[j])
+                    grads[j] = x.grad
+            finally:
+                for hd in handles:
+                    hd.remove()
+            stream.release(block)
+    count = sum(ids[:, 1:].numel() for ids in batches)
+    return {n: s / count for n, s in sums.items()}
+
+
+class _Replay(nn.Module):
+    """Stands in for all the blocks: returns the last block's outputs, kept."""
+
+    def __init__(self, hidden: Tensor, like):
+        super().__init__()
+        self.hidden, self.like = hidden, like
+
+    def forward(self, *args, **kwargs):
+        return self.hidden if isinstance(self.like, Tensor) else (self.hidden, *self.like[1:])
+
+
+def _tail(model, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, like, stream, device):
+    """The model's output when its blocks produce `hidden` (what follows them: norm, head)."""
+    saved = dict(blocks._modules)
+    blocks._modules = {"0": _Replay(hidden, like)}
+    try:
+        with stream.lazily(blocks, device):
+            return model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        blocks._modules = saved
 
 
 Price = Callable[[str, Tensor, Tensor], float]   # (layer, error W - Q, H) -> cost
@@ -156,6 +237,9 @@ def fisher_table(model: nn.Module, batches: list[Tensor], names: list[str], opti
     small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
     price = fisher_price(output_fisher(model, small, names))
     return cost_table(model, batches, options, compressor, device, price, progress)
+
+
+hessian_table.streams = fisher_table.streams = True     # work on a model streamed from disk
 
 
 @registry.register("sensitivity", "trace")
