@@ -56,6 +56,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier output")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run to --out from its "
                    "last finished block (the same model, data and recipe)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the weights block by block from the checkpoint's shards and write the "
+                   "output as it goes (default: when the model in fp32 would take over half of --max-memory)")
+    p.add_argument("--max-memory", help="memory budget, e.g. 8GB (default: the RAM available at start)")
+    p.add_argument("--offload-activations", metavar="DIR", help="keep the calibration activations between "
+                   "blocks in files under DIR (default: beside --out, when a streamed run's would not fit)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -145,8 +151,9 @@ def cmd_quantize(a) -> dict:
                              act_order=a.act_order, alloc=a.alloc, bit_options=a.bit_options,
                              tie_fused=a.tie_fused, sensitivity=a.sensitivity, report=a.report,
                              prune=a.prune)
-    r = r.with_overrides(model=a.model, seed=a.seed, pattern=a.pattern,
-                         device=a.device, **{"calib.dataset": a.calib_dataset,
+    r = r.with_overrides(model=a.model, seed=a.seed, pattern=a.pattern, device=a.device,
+                         stream=a.stream, max_memory=a.max_memory,
+                         offload_activations=a.offload_activations, **{"calib.dataset": a.calib_dataset,
                                              "calib.n_samples": a.n_samples,
                                              "calib.seqlen": a.calib_seqlen,
                                              "eval.dataset": a.eval_dataset,
@@ -158,6 +165,8 @@ def cmd_quantize(a) -> dict:
     texts = [load_text(d, "eval") for d in domains(r.eval.dataset)] if a.eval else None  # fail early
     rep = quantkit.quantize(r, overwrite=a.overwrite, resume=a.resume)
     summary = {k: v for k, v in rep.to_dict().items() if k != "layers"}
+    if a.eval and rep.model is None:             # streamed: the model is in the output only
+        rep.model = quantkit.load(r.out)
     if a.eval and len(texts) == 1:
         from quantkit.evaluate import text_perplexity
         summary.update(text_perplexity(rep.model, rep.tokenizer, texts[0], r.eval.seqlen,

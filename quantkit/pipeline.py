@@ -34,7 +34,7 @@ from quantkit.formats.io import check_output, save_checkpoint, state_dict_for_sa
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import check_finite, layer_shapes, load_model, resolve_source, stream_model
-from quantkit.model.stream import checkpoint_bytes, streamed
+from quantkit.model.stream import checkpoint_bytes, streamed, trim_heap
 from quantkit.model.runner import BlockInputs, Offload, OnDisk, forward_block, input_groups, walk_blocks
 from quantkit.resume import RunState, fingerprint, state_dir
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
@@ -125,6 +125,9 @@ def run(recipe: Recipe, progress: bool = True, table: CostTable | None = None,
         if runner.claims(recipe, model):
             if resume:
                 raise QuantkitError(f"--resume: {name} runs are not resumable; run without it")
+            if recipe.stream or recipe.offload_activations:
+                raise QuantkitError(f"--stream / --offload-activations: {name} runs hold the model in "
+                                    "memory (image classifiers are small); run without them")
             return runner(recipe, progress, model=model, calib=calib, overwrite=overwrite)
     t0 = time.time()
     _check(recipe, model)
@@ -261,7 +264,9 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
         else:
             batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
                                        c.batch_size)
-    if not stream:
+    if stream:
+        trim_heap()                               # what tokenizing the corpora left behind
+    else:
         _place_outside_blocks(model, blocks, device)
     return Loaded(model, tokenizer, source, batches, layer_names, device, stream,
                   _offload(recipe, model, stream))

@@ -1,7 +1,6 @@
 """quantkit.load: a packed checkpoint back as a transformers model with QuantLinear layers."""
 from __future__ import annotations
 
-import ctypes
 import gc
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.io import load_tensors, packed_from_tensors, read_manifest
 from quantkit.model.discovery import Conv1D
 from quantkit.model.loader import build_empty
+from quantkit.model.stream import trim_heap
 from quantkit.nn.qlinear import QuantLinear, replace_linear
 
 
@@ -68,13 +68,5 @@ def load(path: str | Path, device: str = "cpu", kernel: str = "auto", dtype=None
     for m in model.modules():      # kernels' layouts now, not in the first request
         if isinstance(m, QuantLinear):
             m.prepare(torch.device(device).type, release=not keep_packed)
-            _trim_heap()           # each layer's unpacking scratch, before the next one's
+            trim_heap()           # each layer's unpacking scratch, before the next one's
     return model
-
-
-def _trim_heap() -> None:
-    """Hand freed heap back to the OS: glibc otherwise keeps every layer's scratch resident."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -1,6 +1,7 @@
 """The sequential block runner: capture block 0's inputs once, then feed blocks one by one."""
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.model.discovery import find_blocks, linears
-from quantkit.model.stream import streamed
+from quantkit.model.stream import streamed, trim_heap
 
 
 class _Stop(Exception):
@@ -162,6 +163,8 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
             before.hidden.remove()
         if stream:
             stream.release(block)
+            gc.collect()
+            trim_heap()
         elif device.type != "cpu":
             block.to("cpu")
         bar.update()

@@ -63,6 +63,16 @@ def checkpoint_bytes(directory: str | Path) -> int:
     return total
 
 
+def trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc otherwise keeps it resident): after a block is
+    released, after calibration, after a layer's kernel scratch."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Streamed:
     """Where each tensor of `model` lives in the checkpoint at `directory`, and the means to
     bring a module's tensors in (materialize) and out (release) again."""

@@ -127,12 +127,14 @@ class _Replay(nn.Module):
 
 
 def _tail(model, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, like, stream, device):
-    """The model's output when its blocks produce `hidden` (what follows them: norm, head)."""
+    """The model's output when its blocks produce `hidden` (what follows them: norm, head; the
+    embeddings, whose output the stand-in ignores, are not read)."""
     saved = dict(blocks._modules)
     blocks._modules = {"0": _Replay(hidden, like)}
     try:
         with stream.lazily(blocks, device):
-            return model(input_ids=ids.to(device), use_cache=False)
+            return model(inputs_embeds=torch.zeros(*ids.shape, hidden.shape[-1], device=device),
+                         use_cache=False)
     finally:
         blocks._modules = saved
 
@@ -233,8 +235,9 @@ def hessian_table(model: nn.Module, batches: list[Tensor], names: list[str], opt
 @registry.register("sensitivity", "fisher")
 def fisher_table(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
                  compressor, device: torch.device, progress: bool) -> CostTable:
-    """Output errors weighted by the output Fisher (from the first two batches, in pairs)."""
-    small = [b[i:i + 2] for b in batches[:2] for i in range(0, len(b), 2)]
+    """Output errors weighted by the output Fisher (from the first two batches, one window at a
+    time: a window's logits over a 50k vocabulary are already 100 MB)."""
+    small = [b[i:i + 1] for b in batches[:2] for i in range(len(b))]
     price = fisher_price(output_fisher(model, small, names))
     return cost_table(model, batches, options, compressor, device, price, progress)
 
