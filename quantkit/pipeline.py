@@ -540,6 +540,8 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
                 stats = accs[g[0]].finalize()
                 for n in g:
                     _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
+    if inputs_fp is not None and isinstance(inputs_fp.hidden, OnDisk):
+        inputs_fp.hidden.remove()
     return packed, info
 
 

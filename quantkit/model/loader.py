@@ -187,6 +187,8 @@ def stream_model(name: str, dtype=torch.float32):
                             "download it (or convert pytorch_model.bin to safetensors) first")
     model = build_empty(config).eval()
     find_blocks(model)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()                     # a tied head is read once, from the embedding
     model.config.dtype = dtype                  # as from_pretrained(dtype=) records it
     if (Path(source) / "generation_config.json").is_file():
         from transformers import GenerationConfig

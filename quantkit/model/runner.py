@@ -70,14 +70,13 @@ class Offload:
 
     def __init__(self, directory: str | Path | None):
         self.dir = None if directory is None else Path(directory)
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
         self.count = 0
 
     def keep(self, tensors, device: torch.device):
         if self.dir is None:
             return list(tensors)
         self.count += 1
+        self.dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for j, t in enumerate(tensors):
             path = self.dir / f"acts-{os.getpid()}-{self.count:05d}-{j:04d}.pt"
@@ -169,6 +168,8 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
             block.to("cpu")
         bar.update()
     bar.close()
+    if inputs is not None and isinstance(inputs.hidden, OnDisk):     # the last block's inputs
+        inputs.hidden.remove()
 
 
 @torch.no_grad()

@@ -51,15 +51,18 @@ def non_finite(named) -> None:
 
 def checkpoint_bytes(directory: str | Path) -> int:
     """The size of a checkpoint's floating-point tensors in fp32 (from the safetensors headers
-    alone), 0 when it has no safetensors."""
+    alone), 0 when it has no safetensors; a file it cannot read counts 0 (the loader's checks
+    then name the problem)."""
     import math
 
     import safetensors
     total = 0
     for f in weight_files(directory):
-        if f.is_file():
+        try:
             with safetensors.safe_open(str(f), "pt") as st:
                 total += sum(4 * math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+        except Exception:                                        # missing, SafetensorError and kin
+            continue
     return total
 
 

@@ -59,6 +59,9 @@ def fp_target_weight(W: Tensor, stats: LayerStats, damp: float = 0.01) -> Tensor
     if stats.cross is None:
         return W
     H = live_hessian(stats.H)
-    eye = torch.eye(H.shape[0], device=W.device)
-    L = torch.linalg.cholesky(H + damp * H.diagonal().mean() * eye)
-    return W + torch.cholesky_solve((W @ (stats.cross - stats.H)).t(), L).t()
+    L = H.clone()                      # H + λI, the same numbers as adding λ·eye
+    L.diagonal().add_(damp * H.diagonal().mean())
+    L = torch.linalg.cholesky(L)
+    drift = stats.cross - stats.H
+    drift = W @ drift
+    return W + torch.cholesky_solve(drift.t(), L).t()

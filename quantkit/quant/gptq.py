@@ -26,17 +26,23 @@ from quantkit.registry import register
 def inverse_hessian_factor(H: Tensor, damp: float, tries: int = 6) -> Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, raising λ tenfold on failure."""
     lam = damp * H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(tries):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+    for _ in range(tries):          # two [in, in] matrices alive at a time, beside H
+        L, info = torch.linalg.cholesky_ex(damped(H, lam))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            L = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
             if info == 0:
                 return U
         lam = lam * 10
     raise QuantkitError("GPTQ: the Hessian is not positive definite even with strong damping; "
                         "use more calibration tokens or a larger --damp")
+
+
+def damped(H: Tensor, lam) -> Tensor:
+    """H + λI as a new matrix (the same numbers as adding λ·eye, without the eye)."""
+    out = H.clone()
+    out.diagonal().add_(lam)
+    return out
 
 
 def _blocks(in_f: int, gw: int, dynamic: bool, block: int, inner: int) -> tuple[int, int]:
@@ -81,8 +87,9 @@ def feedback(Wt: Tensor, U: Tensor, rounder: Rounder, block: int = 128,
 
 
 def live_columns(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 copies with dead inputs (H_jj = 0) made harmless: their weights 0, H_jj 1."""
-    W, H = W.float().clone(), H.float().clone()
+    """Dead inputs (H_jj = 0) made harmless: their weights 0, H_jj 1 (W a copy; H a copy only
+    when it changes: callers never write to it)."""
+    W, H = W.float().clone(), H.float()
     W[:, H.diagonal() == 0] = 0
     return W, live_hessian(H)
 
@@ -168,7 +175,8 @@ def gptq_codes(W: Tensor, H: Tensor, spec: QSpec, block: int = 128, inner: int =
         scales = torch.empty(out_f, n_groups(in_f, spec.group_size), device=W.device)
         zeros = torch.empty_like(scales)
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]
         if not dynamic:
             g_idx = g_idx[perm]
     U = inverse_hessian_factor(H, spec.damp)

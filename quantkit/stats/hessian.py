@@ -54,11 +54,15 @@ class HessianAccumulator:
             self.cross.addmm_(x_ref.t(), x)
 
     def finalize(self) -> LayerStats:
-        """LayerStats with the normalised H."""
+        """LayerStats with the normalised H (normalised in place: the accumulator is spent)."""
         if self.n == 0:
             raise RuntimeError("no calibration tokens reached this layer")
-        cross = None if self.cross is None else self.cross / self.weight
-        return LayerStats(H=self.sum / self.weight, n=self.n, act_absmax=self.absmax, cross=cross)
+        if self.weight is None:
+            raise RuntimeError("finalize() was already called on this accumulator")
+        cross = None if self.cross is None else self.cross.div_(self.weight)
+        stats = LayerStats(H=self.sum.div_(self.weight), n=self.n, act_absmax=self.absmax, cross=cross)
+        self.weight = None
+        return stats
 
 
 class GroupedHessian:

@@ -1,0 +1,139 @@
+"""Streamed runs (model.stream): weights read block by block from the checkpoint's shards, the
+output written shard by shard. The output equals the in-memory run's tensor for tensor; at no
+time is more than one block in memory; corrupt weights fail when read, leaving no output."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantkit
+from quantkit.errors import QuantkitError
+from quantkit.formats.io import INDEX, inspect_checkpoint, load_tensors
+from quantkit.model import stream as stream_mod
+from quantkit.model.discovery import find_blocks
+from quantkit.resume import state_dir
+from tests.conftest import tiny_config
+from tests.test_cli import save_tiny_checkpoints
+
+KW = {"group_size": 32, "calib.n_samples": 6, "calib.seqlen": 32, "calib.batch_size": 2}
+
+
+def sharded(d: Path, name: str, model) -> Path:
+    save_tiny_checkpoints(d, {name: model})
+    (d / name / "model.safetensors").unlink()
+    model.save_pretrained(d / name, max_shard_size="60KB")         # several shards and an index
+    assert (d / name / INDEX).is_file() and len(list((d / name).glob("*.safetensors"))) > 2
+    return d / name
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A 3-block Llama in fp16 with untied head, and a GPT-2 (Conv1D, tied embeddings)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    d = tmp_path_factory.mktemp("stream")
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers, cfg.tie_word_embeddings = 3, False
+    sharded(d, "llama", LlamaForCausalLM(cfg).half().eval())
+    sharded(d, "gpt2", GPT2LMHeadModel(tiny_config("gpt2")).eval())
+    return d
+
+
+def run(src, name, out, **kw):
+    return quantkit.quantize(str(src / name), out=str(out), method="gptq", progress=False,
+                             **{**KW, "calib.dataset": str(src / "text.txt"), **kw})
+
+
+@pytest.mark.parametrize("name, extra", [("llama", {}), ("gpt2", {}),
+                                         ("llama", {"alloc": "ip", "bits": 3.5, "sensitivity": "fisher"}),
+                                         ("llama", {"fp_target": False, "true_sequential": False})])
+def test_streamed_output_equals_the_in_memory_one(src, tmp_path, name, extra):
+    mem = run(src, name, tmp_path / "mem", stream=False, **extra)
+    got = run(src, name, tmp_path / "str", stream=True, **extra)
+    assert got.model is None and mem.model is not None
+    a, b = load_tensors(tmp_path / "mem"), load_tensors(tmp_path / "str")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert (tmp_path / "str" / INDEX).is_file() and not (tmp_path / "str" / "model.safetensors").exists()
+    assert got.bits_per_weight == mem.bits_per_weight and got.layers.keys() == mem.layers.keys()
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "str"))
+    ra, rb = ca.pop("quantization_config"), cb.pop("quantization_config")
+    assert ca == cb and ra["layers"] == rb["layers"]
+    assert (ra["recipe"]["stream"], rb["recipe"]["stream"]) == (False, True)
+    assert inspect_checkpoint(tmp_path / "str")["bits_per_weight"] == \
+        inspect_checkpoint(tmp_path / "mem")["bits_per_weight"]
+    ids = torch.randint(0, 50, (1, 12))
+    assert torch.equal(quantkit.load(tmp_path / "mem")(ids).logits, quantkit.load(tmp_path / "str")(ids).logits)
+    assert not state_dir(tmp_path / "str").exists()
+
+
+def test_one_block_in_memory_at_a_time(src, tmp_path, monkeypatch):
+    """Whenever a block is read, every other block and the embeddings are on the meta device;
+    the bytes read add up to the checkpoint (each tensor read once, in fp16)."""
+    seen, orig = [], stream_mod.Streamed.materialize
+
+    def materialize(self, module, prefix, device):
+        _, blocks = find_blocks(self.model)
+        seen.append(sum(any(not p.is_meta for p in b.parameters()) for b in blocks)
+                    + (not self.model.model.embed_tokens.weight.is_meta))
+        orig(self, module, prefix, device)
+    monkeypatch.setattr(stream_mod.Streamed, "materialize", materialize)
+    run(src, "llama", tmp_path / "q", stream=True)
+    blocks = [s for s in seen]
+    assert len(blocks) >= 3 and max(blocks) == 0          # nothing else materialised at any read
+
+
+def test_activations_offloaded_to_disk_give_the_same_output(src, tmp_path):
+    run(src, "llama", tmp_path / "mem", stream=False)
+    acts = tmp_path / "acts"
+    run(src, "llama", tmp_path / "off", stream=True, offload_activations=str(acts))
+    a, b = load_tensors(tmp_path / "mem"), load_tensors(tmp_path / "off")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert acts.is_dir() and not list(acts.iterdir())       # each generation deleted once used
+
+
+def test_auto_streams_when_the_model_would_not_fit(src, tmp_path):
+    run(src, "llama", tmp_path / "small", max_memory="1KB")     # everything is over 1 KB: streams
+    assert (tmp_path / "small" / INDEX).is_file()
+    r = run(src, "llama", tmp_path / "big", max_memory="64GiB")
+    assert r.model is not None and (tmp_path / "big" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method": "rsq"}, "rsq transforms the whole model"),
+    ({"alloc": "ip", "bits": 3.5, "sensitivity": "kl"}, "--sensitivity kl runs the whole model"),
+    ({"out": None}, "give it --out"),
+    ({"max_memory": "lots"}, "give a size such as 8GB"),
+])
+def test_streaming_refuses_what_needs_the_whole_model(src, tmp_path, kw, match):
+    args = {**KW, "calib.dataset": str(src / "text.txt"), "method": "gptq", "stream": True,
+            "out": str(tmp_path / "q"), **kw}
+    if kw.get("max_memory"):
+        args.pop("stream")
+    with pytest.raises(QuantkitError, match=match):
+        quantkit.quantize(str(src / "llama"), progress=False, **args)
+    assert not (tmp_path / "q").exists()
+
+
+def test_nan_in_a_later_block_fails_when_read_and_leaves_no_output(src, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(src / "llama", bad)
+    index = json.loads((bad / INDEX).read_text())["weight_map"]
+    key = "model.layers.2.mlp.up_proj.weight"
+    f = bad / index[key]
+    t = load_file(str(f))
+    t[key][0, 0] = float("nan")
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(QuantkitError, match=f"weight {key} holds 1 NaN/Inf"):
+        quantkit.quantize(str(bad), out=str(tmp_path / "q"), method="gptq", progress=False, stream=True,
+                          **{**KW, "calib.dataset": str(src / "text.txt")})
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_streamed_report_cannot_be_saved_again(src, tmp_path):
+    r = run(src, "llama", tmp_path / "q", stream=True)
+    with pytest.raises(QuantkitError, match="streamed run wrote its output as it went"):
+        r.save(tmp_path / "again")
