@@ -3,8 +3,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-from results_io import RESULTS, default_path, load_rows, save_rows  # noqa: E402
+from bench.results_io import RESULTS, default_path, load_rows, save_rows
 
 
 def test_rows_round_trip_merge_and_record_where_they_came_from(tmp_path):
@@ -33,3 +32,17 @@ def test_every_bench_script_writes_its_own_results_file():
         assert set(data) == {"envelope", "rows"}, f.name
         script = data["envelope"]["script"]
         assert script == "cli.py" or (bench.parent / script).is_file(), (f.name, script)
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """`python bench/X.py` puts bench/ first on sys.path: a script named like a module that a
+    dependency imports (bench/kernels.py hid the `kernels` package transformers probes for)
+    breaks every bench script, so import the model stack the way a script sees it."""
+    import importlib.util
+    import subprocess
+    bench = Path(__file__).parent.parent / "bench"
+    assert [f.name for f in bench.glob("*.py") if importlib.util.find_spec(f.stem)] == []
+    probe = "import transformers.activations, transformers.models.llama.modeling_llama, quantkit.pipeline"
+    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(bench)!r}); {probe}"],
+                       capture_output=True, text=True, cwd=bench.parent)
+    assert r.returncode == 0, r.stderr[-2000:]

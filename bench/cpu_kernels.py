@@ -1,8 +1,8 @@
 """Matmul speed on CPU: fp32 dense, bf16 dense, reference dequant, CPU int4/int8 paths.
 
-    python bench/kernels.py [--out-features 4096] [--in-features 4096] [--batches 1,16]
+    python bench/cpu_kernels.py [--out-features 4096] [--in-features 4096] [--batches 1,16]
 
-Writes bench/results/kernels.json with medians (ms) and ratios vs fp32 dense.
+Writes bench/results/cpu_kernels.json with medians (ms) and ratios vs fp32 dense.
 """
 from __future__ import annotations
 
