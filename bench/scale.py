@@ -1,8 +1,11 @@
 """Models larger than memory: build a synthetic Llama-architecture checkpoint of several GB on
 disk (fp16, sharded, random weights at the usual initialisation scale) and quantize it with a
-streamed run (`--stream`), sampling the process's resident memory as it goes.
+streamed run (`--stream`), sampling the process's resident memory as it goes. The default
+shape (hidden 1536, intermediate 4096, 12/4 heads: Qwen2-1.5B's width, a shorter MLP) is deep
+rather than wide: a streamed run holds one block, the process's libraries (~0.45 GB) and the
+calibration activations, so the checkpoint's depth sets its size, its width the peak.
 
-    python bench/scale.py                      # 48 blocks of 2560 wide: 7.0 GB; GPTQ 4-bit
+    python bench/scale.py                      # 120 blocks of 1536 wide: 6.3 GB; GPTQ 4-bit
     python bench/scale.py --alloc uniform ip   # and the mixed-precision job
 
 Each run is `cli.py quantize llama --model CKPT --bits 4 --stream ...` in a child process; its
@@ -144,12 +147,12 @@ def quantize(ckpt: Path, alloc: str, a) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=str(cache_dir() / "scale" / "llama-synthetic"))
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--hidden", type=int, default=2560)
-    p.add_argument("--inter", type=int, default=6912)
-    p.add_argument("--heads", type=int, default=20)
+    p.add_argument("--layers", type=int, default=120)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--inter", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--blocks-per-shard", type=int, default=6)
+    p.add_argument("--blocks-per-shard", type=int, default=10)
     p.add_argument("--alloc", nargs="+", default=["uniform"])
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import importlib
 import json
 import pkgutil
@@ -265,7 +266,8 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
             batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
                                        c.batch_size)
     if stream:
-        trim_heap()                               # what tokenizing the corpora left behind
+        gc.collect()                              # what tokenizing the corpora left behind
+        trim_heap()
     else:
         _place_outside_blocks(model, blocks, device)
     return Loaded(model, tokenizer, source, batches, layer_names, device, stream,
@@ -540,6 +542,10 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
                 stats = accs[g[0]].finalize()
                 for n in g:
                     _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
+            if n_shards is not None:          # streamed: the stage's Hessians back to the OS now
+                del accs, stats
+                gc.collect()
+                trim_heap()
     if inputs_fp is not None and isinstance(inputs_fp.hidden, OnDisk):
         inputs_fp.hidden.remove()
     return packed, info

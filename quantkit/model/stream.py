@@ -42,11 +42,17 @@ def canonical(key: str, expected, prefix: str) -> str | None:
 def non_finite(named) -> None:
     """Every tensor of (name, tensor) pairs finite, or an error naming the first bad one."""
     bad = [(n, int((~torch.isfinite(t)).sum())) for n, t in named
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+           if t.is_floating_point() and not _all_finite(t)]
     if bad:
         name, count = bad[0]
         raise QuantkitError(f"weight {name} holds {count} NaN/Inf values ({len(bad)} tensors): "
                             "the checkpoint is corrupt or was saved after a diverged step")
+
+
+def _all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() with a scratch of `chunk` booleans, not one per element."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def checkpoint_bytes(directory: str | Path) -> int:
@@ -107,8 +113,14 @@ class Streamed:
                 with safetensors.safe_open(str(f), "pt") as st:
                     t = st.get_tensor(key)
                 self.bytes_read += t.numel() * t.element_size()
-                t = t.to(self.dtype) if t.is_floating_point() else t
-                non_finite([(n, t)])
+                if not t.is_floating_point():
+                    return t
+                wider = torch.finfo(self.dtype).max >= torch.finfo(t.dtype).max
+                if wider:                     # finite in the file's dtype iff after the cast
+                    non_finite([(n, t)])
+                t = t.to(self.dtype)
+                if not wider:
+                    non_finite([(n, t)])
                 return t
         raise QuantkitError(f"{names[0]}: in no weight file of the checkpoint; download it again")
 
