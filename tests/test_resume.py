@@ -25,7 +25,7 @@ CHILD = r"""
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import quantkit, quantkit.pipeline as P, quantkit.resume as R, quantkit.formats.io as io
-where, src, out, text, resume = sys.argv[1:6]
+where, src, out, text, resume, stream = sys.argv[1:7]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if where == "inside-block-1":            # halfway through block 1's linears
     orig, seen = P._compress, []
@@ -49,7 +49,23 @@ elif where == "writing-output":          # the weights file half-written in the 
         open(path, "wb").write(b"\0" * 1000)
         die()
     io.save_file = save_file
-quantkit.quantize(src, out=out, resume=resume == "1", method="gptq", progress=False,
+elif where == "writing-shard-1":         # streamed: block 1's weight shard half-written
+    orig_file = io.save_file
+    def save_file(tensors, path, metadata=None):
+        if "-00002-of-" in path:
+            open(path, "wb").write(b"\0" * 1000)
+            die()
+        orig_file(tensors, path, metadata=metadata)
+    io.save_file = save_file
+elif where == "linking-shards":          # streamed: two shards already linked into the output
+    orig_link, linked = os.link, []
+    def link(a, b):
+        orig_link(a, b)
+        linked.append(b)
+        if len(linked) == 2:
+            die()
+    os.link = link
+quantkit.quantize(src, out=out, resume=resume == "1", stream=stream == "1", method="gptq", progress=False,
                   **{{"group_size": 32, "calib.n_samples": 6, "calib.seqlen": 32, "calib.batch_size": 2,
                      "calib.dataset": text}})
 """
@@ -67,12 +83,12 @@ def src(tmp_path_factory):
     return d
 
 
-def child(src, out, where, resume=False):
+def child(src, out, where, resume=False, stream=False):
     script = out.parent / "child.py"
     script.write_text(CHILD.format(root=str(ROOT)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(script), where, str(src / "llama"), str(out),
-                           str(src / "text.txt"), "1" if resume else "0"],
+                           str(src / "text.txt"), "1" if resume else "0", "1" if stream else "0"],
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -85,19 +101,22 @@ def reference(src, tmp_path_factory):
     return load_tensors(out)
 
 
-@pytest.mark.parametrize("where, blocks_kept", [("inside-block-1", 1), ("recording-block-1", 2),
-                                                ("writing-output", 3)])
-def test_a_killed_run_resumes_to_the_same_output(src, reference, tmp_path, where, blocks_kept):
+@pytest.mark.parametrize("where, blocks_kept, stream", [
+    ("inside-block-1", 1, False), ("recording-block-1", 2, False), ("writing-output", 3, False),
+    ("inside-block-1", 1, True), ("writing-shard-1", 1, True), ("linking-shards", 3, True)])
+def test_a_killed_run_resumes_to_the_same_output(src, reference, tmp_path, where, blocks_kept, stream):
+    """Streamed runs (weights read and written shard by shard) too: the same output as the
+    in-memory uninterrupted run, whether killed in a block, writing a shard or assembling."""
     out = tmp_path / "q"
-    r = child(src, out, where)
+    r = child(src, out, where, stream=stream)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists()                                 # never there half-written
     state = state_dir(out)
     assert sorted(p.name for p in state.glob("block-*.pt")) == \
         [f"block-{i:04d}.pt" for i in range(blocks_kept)]
-    again = child(src, out, "none")                         # without --resume: refused
+    again = child(src, out, "none", stream=stream)          # without --resume: refused
     assert again.returncode != 0 and "pass --resume" in again.stderr
-    done = child(src, out, "count", resume=True)
+    done = child(src, out, "count", resume=True, stream=stream)
     assert done.returncode == 0, done.stderr
     got = load_tensors(out)
     assert got.keys() == reference.keys()

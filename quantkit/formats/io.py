@@ -163,13 +163,13 @@ def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedL
     """Write the whole output directory atomically: weights + manifest, tokenizer (when there is
     one), generation config and the text files `files(weights' size in bytes)` names; returns
     the weights' size. shards: (directory, n) where a streamed run already wrote its n weight
-    shards; they are moved in (with an index) instead of writing the model's tensors."""
+    shards; they are linked in (with an index) instead of writing the model's tensors."""
     with atomic_dir(out, overwrite) as tmp:
         if shards is None:
             save_packed(tmp, model, packed, extra)
             size = (tmp / WEIGHTS).stat().st_size
         else:
-            size = _move_shards(shards[0], shards[1], tmp)
+            size = _link_shards(shards[0], shards[1], tmp)
             _write_config(tmp, model, packed, extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -180,11 +180,16 @@ def save_checkpoint(out: str | Path, model: nn.Module, packed: dict[str, PackedL
         return size
 
 
-def _move_shards(src: Path, n: int, dst: Path) -> int:
+def _link_shards(src: Path, n: int, dst: Path) -> int:
+    """The n shards of `src` into `dst` (hard links, copies across file systems) with their
+    index; `src` keeps its own until the output is whole, so a run killed here still resumes."""
     weight_map, size = {}, 0
     for i in range(n):
         name = shard_name(i, n)
-        os.replace(Path(src) / name, dst / name)
+        try:
+            os.link(Path(src) / name, dst / name)
+        except OSError:
+            shutil.copy2(Path(src) / name, dst / name)
         with safetensors.safe_open(str(dst / name), "pt") as f:
             for k in f.keys():
                 weight_map[k] = name
