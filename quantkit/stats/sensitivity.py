@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import gc
 import tempfile
 from typing import Callable
 
@@ -25,7 +26,7 @@ from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
 from quantkit.model.discovery import find_blocks
 from quantkit.model.runner import (BlockInputs, Offload, capture_inputs, forward_block, input_groups,
                                    run_block, walk_blocks)
-from quantkit.model.stream import streamed
+from quantkit.model.stream import streamed, trim_heap
 from quantkit.stats.hessian import collect_hessians, proxy_loss
 from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.types import QSpec
@@ -84,7 +85,7 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
                     raw = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
                 kept.append(inputs)
                 inputs = forward_block(block, inputs, offload)
-            stream.release(block)
+            _release(stream, block)
         grads = []
         for j, ids in enumerate(batches):                # the loss from the last block's outputs
             h = inputs.hidden[j].requires_grad_(True)
@@ -110,9 +111,17 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
             finally:
                 for hd in handles:
                     hd.remove()
-            stream.release(block)
+            _release(stream, block)
     count = sum(ids[:, 1:].numel() for ids in batches)
     return {n: s / count for n, s in sums.items()}
+
+
+def _release(stream, block: nn.Module) -> None:
+    """The block's weights and the pass's scratch back to the OS (glibc keeps freed heap
+    otherwise, and RSS grows block after block)."""
+    stream.release(block)
+    gc.collect()
+    trim_heap()
 
 
 class _Replay(nn.Module):
@@ -182,12 +191,17 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
                progress: bool = True) -> CostTable:
     """Quantize every linear at every option on the unquantized model's statistics."""
     names, cost, size, weights = [], [], [], []
+    stream = streamed(model) is not None
     for name, W, stats in unquantized_layers(model, batches, device, progress):
         row_c, row_s = [], []
         for spec in options:
             p = quantizer(W, stats, spec)
             row_c.append(price(name, W - p.dequantize(), stats.H))
             row_s.append(p.storage_bits())
+        if stream:                     # one block's scratch at a time, as in the run itself
+            del p
+            gc.collect()
+            trim_heap()
         names.append(name)
         cost.append(row_c)
         size.append(row_s)
