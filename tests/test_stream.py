@@ -10,6 +10,7 @@ import torch
 import quantkit
 from quantkit.errors import QuantkitError
 from quantkit.formats.io import INDEX, inspect_checkpoint, load_tensors
+from quantkit.model import loader
 from quantkit.model import stream as stream_mod
 from quantkit.model.discovery import find_blocks
 from quantkit.resume import state_dir
@@ -70,7 +71,7 @@ def test_streamed_output_equals_the_in_memory_one(src, tmp_path, name, extra):
 
 def test_one_block_in_memory_at_a_time(src, tmp_path, monkeypatch):
     """Whenever a block is read, every other block and the embeddings are on the meta device;
-    the bytes read add up to the checkpoint (each tensor read once, in fp16)."""
+    the run bounds its heap (big tensors unmapped when freed)."""
     seen, orig = [], stream_mod.Streamed.materialize
 
     def materialize(self, module, prefix, device):
@@ -79,9 +80,11 @@ def test_one_block_in_memory_at_a_time(src, tmp_path, monkeypatch):
                     + (not self.model.model.embed_tokens.weight.is_meta))
         orig(self, module, prefix, device)
     monkeypatch.setattr(stream_mod.Streamed, "materialize", materialize)
+    bounded = []
+    monkeypatch.setattr(loader, "bound_heap", lambda: bounded.append(1))
     run(src, "llama", tmp_path / "q", stream=True)
-    blocks = [s for s in seen]
-    assert len(blocks) >= 3 and max(blocks) == 0          # nothing else materialised at any read
+    assert len(seen) >= 3 and max(seen) == 0              # nothing else materialised at any read
+    assert bounded == [1]                                  # big tensors unmapped when freed
 
 
 def test_activations_offloaded_to_disk_give_the_same_output(src, tmp_path):
@@ -137,3 +140,35 @@ def test_a_streamed_report_cannot_be_saved_again(src, tmp_path):
     r = run(src, "llama", tmp_path / "q", stream=True)
     with pytest.raises(QuantkitError, match="streamed run wrote its output as it went"):
         r.save(tmp_path / "again")
+
+
+HEAP_PROBE = r"""
+import sys, torch
+from quantkit.model.stream import bound_heap
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) << 10
+if sys.argv[1] == '1':
+    bound_heap()
+keep, big = [], []
+base = rss()
+for i in range(64):                      # 2 MiB blocks, each followed by a small survivor
+    big.append(torch.ones(1 << 19))
+    keep.append(torch.ones(64 << 10))
+    if i == 0:
+        del big[0]                       # one freed mapping: glibc's threshold rises past 2 MiB
+big.clear()
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RSS from /proc")
+def test_bounded_heap_gives_freed_blocks_back_despite_survivors_above_them():
+    """A streamed run's big tensors come and go between small ones that stay: with glibc's
+    default they stay resident once freed (the heap cannot shrink past a survivor); with
+    bound_heap (set by stream_model) resident memory is what is alive."""
+    import subprocess
+    import sys
+    grown = [int(subprocess.run([sys.executable, "-c", HEAP_PROBE, flag], capture_output=True,
+                                text=True, check=True).stdout) for flag in "01"]
+    alive = 64 * (64 << 10) * 4                               # the survivors: 16 MiB
+    assert grown[1] < alive + (8 << 20) < 64 << 20 < grown[0]

@@ -12,7 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.io import read_config_json, weight_files
 from quantkit.model import zoo
 from quantkit.model.discovery import find_blocks, linears, weight_matrix
-from quantkit.model.stream import ATTR, Streamed, canonical, non_finite
+from quantkit.model.stream import ATTR, Streamed, bound_heap, canonical, non_finite
 
 
 def resolve_source(name: str) -> str:
@@ -194,6 +194,7 @@ def stream_model(name: str, dtype=torch.float32):
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(source)
     setattr(model, ATTR, Streamed(model, source, dtype))
+    bound_heap()
     return model, _tokenizer(source), source
 
 
