@@ -132,10 +132,11 @@ def quantize(ckpt: Path, alloc: str, a) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)})")
     peak = usage.ru_maxrss * 1024
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    step = max(1, len(timeline) // 120)
+    step = max(1, len(timeline) // 120)            # ~120 points, each the highest of its window
+    timeline = [max(timeline[i:i + step], key=lambda x: x[1]) for i in range(0, len(timeline), step)]
     res = {"alloc": alloc, "command": " ".join(cmd[1:]), "checkpoint_bytes": ckpt_bytes,
            "peak_rss_bytes": peak, "peak_over_checkpoint": peak / ckpt_bytes, "wall_s": round(wall, 1),
-           "rss_mib_over_time": timeline[::step], "run": json.loads(summary.read_text()),
+           "rss_mib_over_time": timeline, "run": json.loads(summary.read_text()),
            "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
     print(f"{alloc}: peak RSS {peak / 2**30:.2f} GiB = {100 * res['peak_over_checkpoint']:.1f}% of the "
           f"{ckpt_bytes / 1e9:.2f} GB checkpoint, {wall:.0f}s", flush=True)
