@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import importlib
 import json
 import pkgutil
@@ -266,8 +265,7 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
             batches = user_calibration(tokenizer, calib, c.n_samples, c.seqlen, recipe.seed,
                                        c.batch_size)
     if stream:
-        gc.collect()                              # what tokenizing the corpora left behind
-        trim_heap()
+        trim_heap()                               # what tokenizing the corpora left behind
     else:
         _place_outside_blocks(model, blocks, device)
     return Loaded(model, tokenizer, source, batches, layer_names, device, stream,
@@ -544,7 +542,6 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
                     _compress(full(n), mods[n], compressor, stats, plan[full(n)], packed, info)
             if n_shards is not None:          # streamed: the stage's Hessians back to the OS now
                 del accs, stats
-                gc.collect()
                 trim_heap()
     if inputs_fp is not None and isinstance(inputs_fp.hidden, OnDisk):
         inputs_fp.hidden.remove()

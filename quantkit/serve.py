@@ -68,5 +68,5 @@ def load(path: str | Path, device: str = "cpu", kernel: str = "auto", dtype=None
     for m in model.modules():      # kernels' layouts now, not in the first request
         if isinstance(m, QuantLinear):
             m.prepare(torch.device(device).type, release=not keep_packed)
-            trim_heap()           # each layer's unpacking scratch, before the next one's
+            trim_heap(collect=False)   # each layer's unpacking scratch, before the next one's
     return model

@@ -1,7 +1,6 @@
 """The sequential block runner: capture block 0's inputs once, then feed blocks one by one."""
 from __future__ import annotations
 
-import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -162,7 +161,6 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
             before.hidden.remove()
         if stream:
             stream.release(block)
-            gc.collect()
             trim_heap()
         elif device.type != "cpu":
             block.to("cpu")

@@ -85,10 +85,14 @@ def bound_heap(threshold: int = 1 << 20) -> None:
         pass
 
 
-def trim_heap() -> None:
+def trim_heap(collect: bool = True) -> None:
     """Hand freed heap back to the OS (glibc otherwise keeps it resident): after a block is
-    released, after calibration, after a layer's kernel scratch."""
+    released, after calibration, after a layer's kernel scratch; garbage collected first
+    unless `collect` is False (the caller just did)."""
     import ctypes
+    import gc
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import gc
 import tempfile
 from typing import Callable
 
@@ -85,7 +84,8 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
                     raw = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
                 kept.append(inputs)
                 inputs = forward_block(block, inputs, offload)
-            _release(stream, block)
+            stream.release(block)
+            trim_heap()                                  # its weights and scratch, back to the OS
         grads = []
         for j, ids in enumerate(batches):                # the loss from the last block's outputs
             h = inputs.hidden[j].requires_grad_(True)
@@ -111,17 +111,10 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
             finally:
                 for hd in handles:
                     hd.remove()
-            _release(stream, block)
+            stream.release(block)
+            trim_heap()
     count = sum(ids[:, 1:].numel() for ids in batches)
     return {n: s / count for n, s in sums.items()}
-
-
-def _release(stream, block: nn.Module) -> None:
-    """The block's weights and the pass's scratch back to the OS (glibc keeps freed heap
-    otherwise, and RSS grows block after block)."""
-    stream.release(block)
-    gc.collect()
-    trim_heap()
 
 
 class _Replay(nn.Module):
@@ -200,7 +193,6 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
             row_s.append(p.storage_bits())
         if stream:                     # one block's scratch at a time, as in the run itself
             del p
-            gc.collect()
             trim_heap()
         names.append(name)
         cost.append(row_c)
