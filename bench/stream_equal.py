@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # before transformers reads it
 
 import quantkit  # noqa: E402
 from bench.results_io import default_path, save_rows  # noqa: E402
@@ -58,7 +59,6 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--json", default=str(default_path("stream_equal")))
     a = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     save_rows(a.json, {alloc: compare(alloc, a) for alloc in a.alloc}, __file__)
 
 

@@ -72,31 +72,32 @@ def checkpoint_bytes(directory: str | Path) -> int:
     return total
 
 
+def _glibc(fn: str, *args) -> None:
+    """Call one of glibc's malloc tunings; elsewhere (musl, macOS, Windows) nothing happens."""
+    import ctypes
+    try:
+        getattr(ctypes.CDLL("libc.so.6"), fn)(*args)
+    except (OSError, AttributeError):
+        pass
+
+
 def bound_heap(threshold: int = 1 << 20) -> None:
     """Serve every allocation of `threshold` bytes or more by a mapping of its own, unmapped
     when freed. glibc's default raises that threshold to the largest block freed so far (up to
     32 MiB) and keeps blocks under it in a heap that fragments as a streamed run's weights,
     Hessians and activations come and go: resident memory then outgrows what is alive. Set
     once, process-wide, when a model is streamed (measured: no slower)."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)        # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", -3, threshold)                          # M_MMAP_THRESHOLD
 
 
 def trim_heap(collect: bool = True) -> None:
     """Hand freed heap back to the OS (glibc otherwise keeps it resident): after a block is
     released, after calibration, after a layer's kernel scratch; garbage collected first
-    unless `collect` is False (the caller just did)."""
-    import ctypes
-    import gc
+    unless `collect` is False (a caller in a loop that makes no reference cycles)."""
     if collect:
+        import gc
         gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _glibc("malloc_trim", 0)
 
 
 class Streamed:
