@@ -8,8 +8,9 @@ digests were written before the refactor by
 
     QUANTKIT_WRITE_GOLDEN=1 OMP_NUM_THREADS=1 python -m pytest -q tests/test_golden.py
 
-Floating-point results depend on the CPU's vector unit and torch's version, so the file records
-both; on another CPU capability or torch the comparison is skipped with that reason (the test
+Floating-point results depend on the CPU's vector unit and on torch's and transformers' versions
+(the tiny model's attention path), so the file records all three; on another the comparison is
+skipped with that reason (the test
 is for refactoring on one machine, not a portability claim).
 """
 import hashlib
@@ -44,7 +45,9 @@ RECIPES = {
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 def digests(out_dir: Path) -> dict[str, str]:
