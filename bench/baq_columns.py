@@ -36,7 +36,7 @@ def main() -> None:
     batches = calibration_batches(tok, "austen", a.n_samples, 512, 0, 8)
     want = {int(b) for b in a.blocks.split(",")}
     rows, sums = [], {}
-    for name, W, stats in unquantized_layers(model, batches, torch.device("cpu"), False, want):
+    for name, W, stats, _ in unquantized_layers(model, batches, torch.device("cpu"), False, want):
         for bits in (int(b) for b in a.bits.split(",")):
             spec = QSpec(bits=bits, group_size=128)
             res = {"layer": name, "bits": bits}

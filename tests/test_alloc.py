@@ -270,3 +270,55 @@ def test_uniform_allocator_gives_every_layer_the_widest_option_that_fits():
         assert torch.equal(uniform(table, budget), torch.full((6,), o))
         assert table.bits_per_weight(uniform(table, budget)) <= budget
     assert uniform.needs_table is False                               # the pipeline plans it directly
+
+
+def test_fisher_table_prices_every_position_but_each_windows_first():
+    """fisher's cost: Σ_o F_o (E H Eᵀ)_oo with F = mean g² of the loss w.r.t. the layer's
+    outputs (the first two batches, as the table takes them) and H = mean x xᵀ of its inputs
+    (every batch), both over every position but each window's first (the attention sink):
+    written here from explicit tokens and gradients. Every window starts with one token whose
+    embedding points along one axis, so that leaving position 0 in either F or H shows."""
+    from quantkit.quant.rtn import rtn
+    from quantkit.stats.sensitivity import fisher_table
+    from quantkit.types import QSpec
+    from tests.conftest import tiny_model, token_batches
+    model = tiny_model("llama")
+    batches = token_batches(n=6, seqlen=16, batch=2)
+    for ids in batches:
+        ids[:, 0] = 7
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[7] = 0
+        emb[7, 3] = 1.0
+    names = [n for n, m in model.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")]
+    name = "model.layers.0.self_attn.v_proj"
+    options = [QSpec(bits=b, group_size=32) for b in (2, 4)]
+    table = fisher_table(model, batches, names, options, rtn, torch.device("cpu"), False)
+    mod = model.get_submodule(name)
+    xs, gs = [], []
+    h1 = mod.register_forward_hook(lambda _m, i, _o: xs.append(i[0].detach()))
+    h2 = mod.register_full_backward_hook(lambda _m, _gi, go: gs.append(go[0].detach()))
+    for ids in batches[:2]:
+        logits = model(ids, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                          ids[:, 1:].reshape(-1), reduction="sum").backward()
+    with torch.no_grad():
+        for ids in batches[2:]:
+            model(ids, use_cache=False)
+    h1.remove(), h2.remove()
+    model.zero_grad()
+    W = mod.weight.detach()
+    row = table.layers.index(name)
+
+    def priced(x_from, g_from):
+        x = torch.cat([x[:, x_from:].reshape(-1, x.shape[-1]) for x in xs]).double()
+        g = torch.cat([g[:, g_from:].reshape(-1, g.shape[-1]) for g in gs]).double()
+        H = x.T @ x / len(x)
+        F = g.pow(2).sum(0) / sum(ids[:, 1:].numel() for ids in batches[:2])
+        return [float((F * ((E @ H) * E).sum(1)).sum())
+                for E in (W.double() - rtn(W, None, s).dequantize().double() for s in options)]
+
+    got = table.cost[row].tolist()
+    assert got == pytest.approx(priced(1, 1), rel=1e-4)
+    for wrong in (priced(0, 1), priced(1, 0)):                # the sink's inputs, or its gradients
+        assert all(abs(a / b - 1) > 1e-2 for a, b in zip(got, wrong))

@@ -8,6 +8,12 @@
            loss increase, so layers whose outputs the loss barely sees (or strongly sees, like
            the last blocks' down-projections that write straight into the logits) are priced
            accordingly. The plain proxy treats every output unit of every layer alike.
+           F and the H it weighs leave out each window's first position: that token is the
+           attention sink, whose inputs are tens of times larger than any other token's while
+           its errors barely reach the loss; a price that keeps it (the separable form
+           Σ_o F_o (E H Eᵀ)_oo assumes a token's gradient and its input error independent)
+           overprices v_proj and down_proj ~5x against the measured loss increase
+           (bench/price_check.py).
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.types import QSpec
 
 
+SINK = 1   # leading positions of every window a fisher price leaves out (the attention sink)
+
+
 def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
     """Mean squared gradient of the next-token loss w.r.t. each named linear's outputs [out]."""
     if streamed(model) is not None:
@@ -40,8 +49,7 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> 
     handles = []
     for name in names:
         def hook(_m, _gin, gout, name=name):
-            g = gout[0].detach().float().reshape(-1, gout[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (g * g).sum(0)
+            sums[name] = sums.get(name, 0) + _squares(gout[0])
         handles.append(model.get_submodule(name).register_full_backward_hook(hook))
     was = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -53,13 +61,19 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> 
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                    reduction="sum")
             loss.backward()
-            count += ids[:, 1:].numel()
+            count += ids[:, SINK:].numel()
     finally:
         for h in handles:
             h.remove()
         for p, w in zip(model.parameters(), was):
             p.requires_grad_(w)
     return {n: s / count for n, s in sums.items()}
+
+
+def _squares(g: Tensor) -> Tensor:
+    """Σ over tokens of g² per output [out], every window's first position (the sink) left out."""
+    g = g.detach().float()[:, SINK:]
+    return (g * g).reshape(-1, g.shape[-1]).sum(0)
 
 
 def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
@@ -100,8 +114,7 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
             for n, m in linears(block).items():
                 if f"{prefix}.{i}.{n}" in wanted:
                     def hook(_m, _gin, gout, name=f"{prefix}.{i}.{n}"):
-                        g = gout[0].detach().float().reshape(-1, gout[0].shape[-1])
-                        sums[name] = sums.get(name, 0) + (g * g).sum(0)
+                        sums[name] = sums.get(name, 0) + _squares(gout[0])
                     handles.append(m.register_full_backward_hook(hook))
             try:
                 for j in range(len(batches)):
@@ -113,7 +126,7 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
                     hd.remove()
             stream.release(block)
             trim_heap()
-    count = sum(ids[:, 1:].numel() for ids in batches)
+    count = sum(ids[:, SINK:].numel() for ids in batches)
     return {n: s / count for n, s in sums.items()}
 
 
@@ -142,6 +155,7 @@ def _tail(model, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, like, strea
 
 
 Price = Callable[[str, Tensor, Tensor], float]   # (layer, error W - Q, H) -> cost
+# A price with `skip` set gets an H over every position but each window's first `skip`.
 
 
 def hessian_price(name: str, E: Tensor, H: Tensor) -> float:
@@ -151,6 +165,7 @@ def hessian_price(name: str, E: Tensor, H: Tensor) -> float:
 def fisher_price(row_weights: dict[str, Tensor]) -> Price:
     def price(name: str, E: Tensor, H: Tensor) -> float:
         return float((row_weights[name].to(E) * (E @ H * E).sum(1)).sum())
+    price.skip = SINK
     return price
 
 
@@ -163,19 +178,29 @@ def trace_price(traces: dict[str, float]) -> Price:
 
 @torch.no_grad()
 def unquantized_layers(model: nn.Module, batches: list[Tensor], device: torch.device,
-                       progress: bool = True, blocks: set[int] | None = None):
-    """Yield (qualified name, fp32 weight [out, in], LayerStats) of every linear, block by block,
-    with statistics of the unquantized model's inputs (only the listed blocks when given)."""
+                       progress: bool = True, blocks: set[int] | None = None, skip: int = 0):
+    """Yield (qualified name, fp32 weight [out, in], LayerStats, H) of every linear, block by
+    block, with statistics of the unquantized model's inputs (only the listed blocks when
+    given); H is stats.H, or with `skip` the mean x xᵀ over all but each window's first `skip`
+    positions."""
+    weights = None
+    if skip:
+        weights = [torch.ones(b.shape, device=device) for b in batches]
+        for w in weights:
+            w[:, :skip] = 0
     for i, prefix, block, inputs in walk_blocks(model, batches, device, "sensitivity", progress):
         if blocks is not None and i not in blocks:
             continue
         mods = linears(block)
         groups = input_groups(block, inputs)
         accs = collect_hessians(block, inputs, groups, stop_early=False)
+        later = accs if not skip else collect_hessians(block, inputs, groups, stop_early=False,
+                                                       token_weights=weights)
         for group in groups:
             stats = accs[group[0]].finalize()
+            H = stats.H if not skip else later[group[0]].finalize().H
             for n in group:
-                yield f"{prefix}.{n}", weight_matrix(mods[n]).detach().float(), stats
+                yield f"{prefix}.{n}", weight_matrix(mods[n]).detach().float(), stats, H
 
 
 @torch.no_grad()
@@ -185,11 +210,12 @@ def cost_table(model: nn.Module, batches: list[Tensor], options: list[QSpec], qu
     """Quantize every linear at every option on the unquantized model's statistics."""
     names, cost, size, weights = [], [], [], []
     stream = streamed(model) is not None
-    for name, W, stats in unquantized_layers(model, batches, device, progress):
+    skip = getattr(price, "skip", 0)
+    for name, W, stats, H in unquantized_layers(model, batches, device, progress, skip=skip):
         row_c, row_s = [], []
         for spec in options:
             p = quantizer(W, stats, spec)
-            row_c.append(price(name, W - p.dequantize(), stats.H))
+            row_c.append(price(name, W - p.dequantize(), H))
             row_s.append(p.storage_bits())
         if stream:                     # one block's scratch at a time, as in the run itself
             del p
