@@ -127,6 +127,41 @@ def kl_table(model: nn.Module, layers: list[str], options: list[int], x: Tensor,
     return CostTable(layers, [QSpec(b, -1) for b in options], cost, size, weights)
 
 
+@torch.no_grad()
+def layer_macs(model: nn.Module, layers: list[str], x: Tensor) -> dict[str, int]:
+    """Multiply-accumulates of each layer for one input image (x [1, c, h, w]): output elements
+    times the inputs each one reads (in_channels / groups x kernel area for a conv)."""
+    macs, handles = {}, []
+    for name in layers:
+        def hook(mod, _args, out, name=name):
+            per_out = mod.weight[0].numel()           # in/groups x kh x kw, or in_features
+            macs[name] = macs.get(name, 0) + out[0].numel() * per_out
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def bops_constraint(model: nn.Module, order: list[str], plan, table: CostTable, x: Tensor,
+                    max_bops: float) -> dict:
+    """ip's second constraint: bops [L, O] of the table's layers and what the budget leaves them
+    once the fixed (edge) layers are paid; infeasible budgets are an error naming the range."""
+    macs = layer_macs(model, order, x)
+    act = {n: plan.acts[n] or 32 for n in order}
+    fixed = sum(macs[n] * plan.weights[n].bits * act[n] for n in order if n not in table.layers)
+    bops = torch.tensor([[macs[n] * o.bits * act[n] for o in table.options] for n in table.layers],
+                        dtype=torch.float64)
+    lo, hi = (fixed + float(bops.min(1).values.sum())) / 1e9, (fixed + float(bops.max(1).values.sum())) / 1e9
+    if max_bops < lo - 1e-12:
+        raise QuantkitError(f"--max-bops {max_bops:g} is infeasible: with these options and "
+                            f"activation widths the model needs {lo:.4g} to {hi:.4g} GBOPs; raise "
+                            "it or add smaller --bit-options")
+    return {"bops": bops, "bops_budget": max_bops * 1e9 - fixed}
+
+
 def _logits(out) -> Tensor:
     return out.logits if hasattr(out, "logits") else out
 
@@ -136,16 +171,20 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                          edge_bits: int = 8, batch_size: int = 64, seed: int = 0,
                          calib_options: dict | None = None, method_options: dict | None = None,
                          alloc: str = "uniform", bit_options: list[int] = (2, 4, 8),
-                         progress: bool = True) -> ImageReport:
+                         max_bops: float | None = None, progress: bool = True) -> ImageReport:
     """Quantize `model` in place: weights at `bits` per output channel (first and last layer at
     edge_bits), each layer's input at act_bits (None: weight-only), by `method`: a compressor
     (rtn, gptq) or a reconstruction method (genie-m). alloc (pareto | ip | baq): mixed precision,
     `bits` is then the average over the middle layers, priced by ZeroQ's KL sensitivity on the
-    calibration images."""
+    calibration images; max_bops (GBOPs, with ip): the whole model's Σ MACs x weight bits x
+    input bits (32 for a float input) stays within it too."""
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
     recon = method in registry.names("reconstruction")
+    if max_bops is not None and alloc != "ip":
+        raise QuantkitError(f"--max-bops needs --alloc ip (the only allocator with a second "
+                            f"constraint); got --alloc {alloc}")
     if not recon and method not in ("rtn", "gptq"):
         raise QuantkitError(f"image models: --method {method!r} is not available; use rtn | gptq | "
                             + " | ".join(registry.names("reconstruction")))
@@ -159,11 +198,15 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
     fold_batchnorm(model, tr)
     plan = default_plan(tr.order, int(bits) if alloc == "uniform" else edge_bits, act_bits, edge_bits)
     plan.units = units(model, tr.order)
-    choice = {}
+    choice, gbops = {}, None
     if alloc != "uniform":
         table = kl_table(model, tr.order[1:-1], list(bit_options), x, batch_size)
         table.check_feasible(bits)
-        picked = registry.get("allocator", alloc)(table, bits)
+        extra = {} if max_bops is None else bops_constraint(model, tr.order, plan, table, x[:1], max_bops)
+        picked = registry.get("allocator", alloc)(table, bits, **extra)
+        if extra:                  # what the choice spends: the fixed layers plus the chosen ones
+            gbops = (max_bops * 1e9 - extra["bops_budget"]
+                     + float(extra["bops"].gather(1, picked[:, None]).sum())) / 1e9
         choice = {n: int(table.options[int(o)].bits) for n, o in zip(table.layers, picked)}
         plan.weights.update({n: replace(plan.weights[n], bits=b) for n, b in choice.items()})
     elif bits != int(bits):
@@ -183,7 +226,7 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                        bits=bits, act_bits=act_bits, seconds=time.time() - t0,
                        calib_seconds=calib_seconds, bits_per_weight=bpw, n_layers=len(packed),
                        settings={"n_calib": len(x), "edge_bits": edge_bits, "seed": seed,
-                                 "alloc": alloc, "layer_bits": choice,
+                                 "alloc": alloc, "layer_bits": choice, "max_bops": max_bops, "gbops": gbops,
                                  "calib_options": calib_options or {},
                                  "method_options": method_options or {}},
                        original_size_bytes=original, model=model, packed=packed, quantizers=quantizers)

@@ -113,6 +113,7 @@ def run_image(recipe: Recipe, progress: bool = True, model: nn.Module | None = N
         model, calib, bits=recipe.bits, act_bits=recipe.act_bits, method=recipe.method,
         alloc=recipe.alloc, bit_options=options,
         n_calib=recipe.calib.n_samples, batch_size=recipe.calib.batch_size, seed=recipe.seed,
+        max_bops=recipe.max_bops,
         calib_options=section, method_options=recipe.sections.get(recipe.method.replace("-", "_"), {}),
         progress=progress)
     report.source = recipe.model

@@ -37,6 +37,7 @@ class Recipe:
     method: str = "gptq"
     bits: float = 4                 # uniform: the bit width; otherwise the average budget
     act_bits: int | None = None     # image models: each layer's input at this width (None: fp)
+    max_bops: float | None = None   # image models, --alloc ip: compute budget in GBOPs (Σ MACs x weight bits x input bits)
     bit_options: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8])  # or "BITS:GROUP"
     sensitivity: str = "hessian"    # hessian | fisher | trace | kl: how the cost table prices errors
     group_size: int = 128
@@ -132,7 +133,7 @@ def _build(cls, d: dict, where: str):
 # the smallest value a numeric field may take (bits are checked against each method's widths)
 _FLOORS = {"CalibConfig": {"n_samples": 1, "seqlen": 1, "batch_size": 1, "table_samples": 1},
            "EvalConfig": {"seqlen": 1, "max_windows": 1},
-           "Recipe": {"group_size": 1, "damp": 0, "bits": 0.5}}
+           "Recipe": {"group_size": 1, "damp": 0, "bits": 0.5, "max_bops": 0}}
 
 
 def _fits(value, hint) -> bool:

@@ -70,6 +70,68 @@ def test_mixed_precision_prices_layers_by_kl_and_meets_the_budget(alloc):
     assert len(set(bits.values())) > 1                          # a real mix, not one width
 
 
+def test_layer_macs_equal_torchs_flop_count():
+    from torch.utils.flop_counter import FlopCounterMode
+    from quantkit.image import layer_macs
+    from quantkit.model.convnet import trace
+    m = resnet()
+    x = smooth(1, seed=5)
+    order = trace(m, x).order
+    with FlopCounterMode(display=False) as fc:
+        m(x)
+    flops = fc.get_flop_counts()
+    want = {n: sum(flops[f"{type(m).__name__}.{n}"].values()) // 2 for n in order}  # a MAC: 2 flops
+    assert layer_macs(m, order, x) == want and all(v > 0 for v in want.values())
+
+
+def test_ip_under_a_bops_budget_is_the_optimum_of_both_constraints():
+    """Σ MACs x weight bits x input bits within --max-bops as well as the size budget: the ip
+    choice equals brute force over every assignment, and the BOPs budget binds."""
+    import itertools
+    from quantkit.alloc.ip import ip_allocate
+    from quantkit.image import bops_constraint, kl_table, layer_macs
+    from quantkit.model.convnet import fold_batchnorm, trace
+    from quantkit.quant.convnet import default_plan
+    m = resnet()
+    x = smooth(32, seed=4)
+    tr = trace(m, x[:2])
+    fold_batchnorm(m, tr)
+    plan = default_plan(tr.order, 8, 6)
+    table = kl_table(m, tr.order[1:-1], [2, 4, 8], x)
+    macs = layer_macs(m, tr.order, x)
+    edges = sum(macs[n] * 8 * (32 if i == 0 else 8) for i, n in enumerate((tr.order[0], tr.order[-1])))
+    mid = [macs[n] * 6 for n in table.layers]                        # per weight bit, input at 6 bits
+
+    def best(budget_g):
+        feasible = [c for c in itertools.product(range(3), repeat=len(mid))
+                    if sum(table.size[i, o] for i, o in enumerate(c)) <= table.budget_bits(6) + 1e-6
+                    and edges + sum(mid[i] * (2, 4, 8)[o] for i, o in enumerate(c)) <= budget_g * 1e9]
+        return min(feasible, key=lambda c: sum(float(table.cost[i, o]) for i, o in enumerate(c)))
+
+    free = best(1e9)
+    free_bops = (edges + sum(mid[i] * (2, 4, 8)[o] for i, o in enumerate(free))) / 1e9
+    lo = (edges + sum(mid) * 2) / 1e9                                # every middle layer at 2 bits
+    tight = (lo + free_bops) / 2
+    extra = bops_constraint(m, tr.order, plan, table, x[:1], tight)
+    got = ip_allocate(table, 6, **extra)
+    want = best(tight)
+    assert want != free                                              # the BOPs budget binds
+    assert sum(float(table.cost[i, o]) for i, o in enumerate(got.tolist())) == \
+        pytest.approx(sum(float(table.cost[i, o]) for i, o in enumerate(want)), rel=1e-9)
+    with pytest.raises(QuantkitError, match=r"--max-bops 1e-06 is infeasible: .* needs [0-9.e-]+ to"):
+        bops_constraint(m, tr.order, plan, table, x[:1], 1e-6)
+    rep = quantkit.quantize(resnet(), calib=x, bits=6, act_bits=6, method="rtn", alloc="ip",
+                            sensitivity="kl", bit_options=[2, 4, 8], max_bops=tight, progress=False)
+    chosen = rep.settings["layer_bits"]
+    spent = edges + sum(macs[n] * 6 * b for n, b in chosen.items())
+    assert spent <= tight * 1e9 and rep.settings["gbops"] == pytest.approx(spent / 1e9, rel=1e-12)
+    with pytest.raises(QuantkitError, match="--max-bops needs --alloc ip"):
+        quantkit.quantize(resnet(), calib=x, bits=6, act_bits=6, method="rtn", alloc="pareto",
+                          sensitivity="kl", max_bops=1.0, progress=False)
+    with pytest.raises(QuantkitError, match="--max-bops: a compute budget is for image models"):
+        quantkit.quantize("llama", max_bops=1.0, progress=False)
+
+
 def test_image_errors_are_one_line_and_name_the_fix(checkpoint, tmp_path):
     with pytest.raises(QuantkitError, match="--act-bits: the language-model methods are weight-only"):
         quantkit.quantize("llama", act_bits=8, progress=False)
