@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", help="rtn | gptq | gptq-baq | rsq | nupes | nupes-df | nupes-ste | llm-int8")
     q.add_argument("--bits", type=_bits)
     q.add_argument("--act-bits", type=int, help="image models: quantize every layer's input to this width")
+    q.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
+                   help="image models: after quantization, give every BN-folded layer's channels the fp "
+                        "model's mean and std on the calibration images")
     q.add_argument("--max-bops", type=float, help="image models with --alloc ip: a compute budget too, in "
                                                   "GBOPs (MACs x weight bits x input bits, summed)")
     q.add_argument("--group-size", type=int, help="-1 for one group per output row")
@@ -149,6 +152,7 @@ def cmd_quantize(a) -> dict:
                                                           "armor.iters": a.iters})
     else:
         r = r.with_overrides(method=a.method, bits=a.bits, act_bits=a.act_bits, max_bops=a.max_bops,
+                             bn_reestimate=a.bn_reestimate,
                              group_size=a.group_size, sym=a.sym,
                              act_order=a.act_order, alloc=a.alloc, bit_options=a.bit_options,
                              tie_fused=a.tie_fused, sensitivity=a.sensitivity, report=a.report,

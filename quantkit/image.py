@@ -7,6 +7,7 @@ compressor such as RTN / GPTQ, or a reconstruction method such as Genie-M), one 
 """
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import random
@@ -27,12 +28,13 @@ from quantkit.formats.packed import PackedLinear
 from quantkit.model.convnet import fold_batchnorm, trace, units
 from quantkit.quant import genie_m, gptq, rtn  # noqa: F401  (they register themselves)
 from quantkit.quant.act import ActQuantizer
-from quantkit.quant.convnet import compress_layer, default_plan, quantize_convnet
+from quantkit.quant.convnet import compress_layer, default_plan, quantize_convnet, reestimate_bn
 from quantkit.recipe import build_config
 from quantkit.types import QSpec
 from quantkit.version import __version__
 
 CHECKPOINT_FILE = "quantkit_image.json"
+BIAS = "bn_bias"            # a layer's bias after BN re-estimation (else the folded source's)
 WEIGHTS_FILE = "quantized.safetensors"
 
 
@@ -56,6 +58,7 @@ class ImageReport:
     model: nn.Module | None = field(default=None, repr=False)
     packed: dict[str, PackedLinear] = field(default_factory=dict, repr=False)
     quantizers: dict[str, ActQuantizer] = field(default_factory=dict, repr=False)
+    biases: dict[str, Tensor] = field(default_factory=dict, repr=False)   # re-estimated (BN)
 
     def to_dict(self) -> dict:
         keys = ("method", "calib", "bits", "act_bits", "seconds", "calib_seconds",
@@ -71,6 +74,7 @@ class ImageReport:
                    for k, v in p.tensors.items()}
         tensors.update({f"{n}.input_scale": q.scale.detach().reshape(1)
                         for n, q in self.quantizers.items()})
+        tensors.update({f"{n}.{BIAS}": b.detach().float().contiguous() for n, b in self.biases.items()})
         layers = {n: {"format": p.format, "shape": list(p.shape), "meta": p.meta}
                   for n, p in self.packed.items()}
         acts = {n: {"bits": q.bits, "signed": q.signed} for n, q in self.quantizers.items()}
@@ -171,13 +175,16 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                          edge_bits: int = 8, batch_size: int = 64, seed: int = 0,
                          calib_options: dict | None = None, method_options: dict | None = None,
                          alloc: str = "uniform", bit_options: list[int] = (2, 4, 8),
-                         max_bops: float | None = None, progress: bool = True) -> ImageReport:
+                         max_bops: float | None = None, bn_reestimate: bool = False,
+                         progress: bool = True) -> ImageReport:
     """Quantize `model` in place: weights at `bits` per output channel (first and last layer at
     edge_bits), each layer's input at act_bits (None: weight-only), by `method`: a compressor
     (rtn, gptq) or a reconstruction method (genie-m). alloc (pareto | ip | baq): mixed precision,
     `bits` is then the average over the middle layers, priced by ZeroQ's KL sensitivity on the
     calibration images; max_bops (GBOPs, with ip): the whole model's Σ MACs x weight bits x
-    input bits (32 for a float input) stays within it too."""
+    input bits (32 for a float input) stays within it too. bn_reestimate: afterwards, every
+    BN-folded layer's output channels get back the fp model's mean and std on the calibration
+    images (quant.convnet.reestimate_bn)."""
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
@@ -195,7 +202,8 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
     tr = trace(model, x[:2])
     if not tr.order:
         raise QuantkitError(f"{type(model).__name__}: no Conv2d or Linear layer ran in the forward")
-    fold_batchnorm(model, tr)
+    folded = set(fold_batchnorm(model, tr))
+    reference = copy.deepcopy(model) if bn_reestimate else None
     plan = default_plan(tr.order, int(bits) if alloc == "uniform" else edge_bits, act_bits, edge_bits)
     plan.units = units(model, tr.order)
     choice, gbops = {}, None
@@ -220,14 +228,19 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
     else:
         packed, quantizers = quantize_convnet(model, plan, registry.get("compressor", method),
                                               batches, progress)
+    biases = {}
+    if bn_reestimate:
+        layers = [n for n in tr.order if tr.bn_of.get(n) in folded and n in packed]
+        biases = reestimate_bn(model, reference, layers, packed, batches, progress)
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
     return ImageReport(method=method, calib=calib if isinstance(calib, str) else "images",
                        bits=bits, act_bits=act_bits, seconds=time.time() - t0,
                        calib_seconds=calib_seconds, bits_per_weight=bpw, n_layers=len(packed),
                        settings={"n_calib": len(x), "edge_bits": edge_bits, "seed": seed,
-                                 "alloc": alloc, "layer_bits": choice, "max_bops": max_bops, "gbops": gbops,
+                                 "alloc": alloc, "layer_bits": choice, "bn_reestimate": bn_reestimate, "max_bops": max_bops, "gbops": gbops,
                                  "calib_options": calib_options or {},
                                  "method_options": method_options or {}},
-                       original_size_bytes=original, model=model, packed=packed, quantizers=quantizers)
+                       original_size_bytes=original, model=model, packed=packed, quantizers=quantizers,
+                       biases=biases)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from quantkit import registry
 from quantkit.errors import QuantkitError
 from quantkit.formats.io import check_output, read_config_json
-from quantkit.image import CHECKPOINT_FILE, ImageReport, quantize_image_model
+from quantkit.image import BIAS, CHECKPOINT_FILE, ImageReport, quantize_image_model
 from quantkit.recipe import Recipe
 
 Preprocess = Callable[[Tensor], Tensor]
@@ -113,7 +113,7 @@ def run_image(recipe: Recipe, progress: bool = True, model: nn.Module | None = N
         model, calib, bits=recipe.bits, act_bits=recipe.act_bits, method=recipe.method,
         alloc=recipe.alloc, bit_options=options,
         n_calib=recipe.calib.n_samples, batch_size=recipe.calib.batch_size, seed=recipe.seed,
-        max_bops=recipe.max_bops,
+        max_bops=recipe.max_bops, bn_reestimate=recipe.bn_reestimate,
         calib_options=section, method_options=recipe.sections.get(recipe.method.replace("-", "_"), {}),
         progress=progress)
     report.source = recipe.model
@@ -175,10 +175,12 @@ def load_image_checkpoint(path: str, kernel: str = "auto") -> tuple[nn.Module, P
             q.scale.copy_(tensors[f"{n}.input_scale"][0])
         for n, layer in meta["layers"].items():
             own = {k[len(n) + 1:]: v for k, v in tensors.items()
-                   if k.startswith(n + ".") and k != f"{n}.input_scale"}
+                   if k.startswith(n + ".") and k not in (f"{n}.input_scale", f"{n}.{BIAS}")}
             pl = PackedLinear(layer["format"], tuple(layer["shape"]), own, layer["meta"])
             mod = model.get_submodule(n)
             mod.weight.copy_(pl.dequantize().reshape(mod.weight.shape))
+            if f"{n}.{BIAS}" in tensors:
+                mod.bias = nn.Parameter(tensors[f"{n}.{BIAS}"].to(mod.weight), requires_grad=False)
             if kernel == "auto" and n in quantizers and groups(mod) == 1 and \
                     int8_act.supports(pl, quantizers[n].bits):
                 int8_act.install(mod, pl)

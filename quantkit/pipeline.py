@@ -185,6 +185,9 @@ def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
     """Every check that needs no calibration, before anything is loaded (`model`: the
     in-memory model the run was given, whose shapes the budget check reads)."""
     mixed = _uses_table(recipe.alloc)
+    if recipe.bn_reestimate:
+        raise QuantkitError("--bn-reestimate re-fits the BatchNorm statistics of image models; a "
+                            "language model has none")
     if recipe.max_bops is not None:
         raise QuantkitError("--max-bops: a compute budget is for image models (their layers' MACs "
                             "at weight x activation bits); language models are weight-only")

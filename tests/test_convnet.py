@@ -299,3 +299,39 @@ def test_data_free_needs_batchnorm_and_image_errors_are_clear():
         quantize_image_model(resnet(), "imagenet", progress=False)
     with pytest.raises(QuantkitError, match="not available"):
         quantize_image_model(resnet(), smooth(4), method="nupes", progress=False)
+
+
+def test_bn_reestimation_gives_each_folded_layer_the_fp_channel_statistics(tmp_path):
+    """After W4A4 quantization, each BN-folded layer's output channels have the fp model's mean
+    (exactly) and std (to the fp16 scales), measured with every correction in place; the codes
+    and zero points are untouched, the scales only multiplied; the saved checkpoint runs the
+    corrected biases."""
+    import quantkit
+    from quantkit.formats.packed import int_parts
+    from quantkit.quant.convnet import channel_stats
+    x = smooth(48, seed=7)
+    fp = resnet()
+    tr = trace(fp, x[:2])
+    fold_batchnorm(fp, tr)
+    plain = quantize_image_model(resnet(), x, bits=4, act_bits=4, method="rtn", progress=False)
+    rep = quantize_image_model(resnet(), x, bits=4, act_bits=4, method="rtn", bn_reestimate=True,
+                               progress=False)
+    layers = [n for n in tr.order if n in tr.bn_of]
+    assert sorted(rep.biases) == sorted(layers) and len(layers) == 6
+    batches = list(x.split(64))
+    want = channel_stats(fp, layers, batches)
+    got = channel_stats(rep.model, layers, batches)
+    before = channel_stats(plain.model, layers, batches)
+    for n in layers:
+        assert torch.allclose(got[n][0], want[n][0], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(got[n][1], want[n][1], rtol=2e-3)
+        assert not torch.allclose(before[n][1], want[n][1], rtol=2e-3)      # there was a gap
+        c0, s0, z0, _ = int_parts(plain.packed[n])
+        c1, s1, z1, _ = int_parts(rep.packed[n])
+        assert torch.equal(c0, c1) and torch.equal(z0, z1) and not torch.equal(s0, s1)
+    src = tmp_path / "src"
+    resnet().save_pretrained(src)                   # the architecture the checkpoint rebuilds
+    rep.source = str(src)
+    rep.save(tmp_path / "q")
+    loaded = quantkit.load(str(tmp_path / "q"), kernel="reference")
+    assert torch.equal(loaded(x[:8]).logits, rep.model(x[:8]).logits)

@@ -153,3 +153,56 @@ def quantize_convnet(model: nn.Module, plan: ConvPlan, compressor, batches: list
             packed[n] = compress_layer(model.get_submodule(n), compressor, stats.get(n),
                                        plan.weights[n])
     return packed, quantizers
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, layers: list[str], batches: list[Tensor],
+                  stop_after: nn.Module | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per named layer, (mean, std) of each output channel over the images and positions
+    (dim 1 of the output), in float64."""
+    sums: dict[str, list] = {n: [0, 0, 0] for n in layers}
+
+    def hook(name):
+        def f(_m, _args, out):
+            y = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
+            acc = sums[name]
+            acc[0], acc[1], acc[2] = acc[0] + y.sum(1), acc[1] + (y * y).sum(1), acc[2] + y.shape[1]
+        return f
+    run_batches(model, batches, stop_after, hooks={model.get_submodule(n): hook(n) for n in layers})
+    out = {}
+    for n, (s, s2, k) in sums.items():
+        mean = s / k
+        out[n] = mean, (s2 / k - mean * mean).clamp(min=0).sqrt()
+    return out
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, reference: nn.Module, layers: list[str],
+                  packed: dict[str, PackedLinear], batches: list[Tensor],
+                  progress: bool = True) -> dict[str, Tensor]:
+    """BatchNorm re-estimation, in folded form: each named (BN-folded) layer's output channels
+    get, in the quantized model, the mean and std that the same channels have in `reference`
+    (the unquantized folded model) on the same images: y' = s (y - μ_q) + μ_ref with
+    s = σ_ref / σ_q. s multiplies the layer's packed per-channel scales (codes unchanged, so
+    the weights stay on their grid) and the bias takes the shift. Layers in execution order,
+    each measured with the corrections before it in place. Returns the new biases."""
+    target = channel_stats(reference, layers, batches)
+    biases = {}
+    for name in tqdm(layers, desc="bn re-estimation", disable=not progress):
+        mod = model.get_submodule(name)
+        mean, std = channel_stats(model, [name], batches, stop_after=mod)[name]
+        ref_mean, ref_std = target[name]
+        s = torch.where(std > 1e-8, ref_std / std.clamp(min=1e-8), torch.ones_like(std))
+        p = packed[name]
+        old = p.tensors["scales"].float()
+        p.tensors["scales"] = (old * s[:, None].float()).to(torch.float16)
+        s = (p.tensors["scales"].float() / old.masked_fill(old == 0, 1))[:, 0].double()   # as stored
+        mod.weight.copy_(p.dequantize().reshape(mod.weight.shape).to(mod.weight))
+        bias = mod.bias.double() if mod.bias is not None else torch.zeros_like(mean)
+        new = (s * (bias - mean) + ref_mean).to(mod.weight.dtype)
+        if mod.bias is None:
+            mod.bias = nn.Parameter(new, requires_grad=False)
+        else:
+            mod.bias.copy_(new)
+        biases[name] = new.clone()
+    return biases
