@@ -7,6 +7,8 @@ each with plain rounding (RTN or GPTQ with calibrated activation ranges) and wit
 Writes bench/results/cnn.json (rows keyed testbed/calib/wXaY/method), merged over earlier rows.
 Distillation is run once per testbed and data source and reused by every row; its seconds per
 256 images are recorded, and each data-free row's total time (distillation + quantization).
+--cache DIR keeps the distilled images (keyed by every setting that makes them) for later runs.
+--bn-reestimate runs every row a second time with BN re-estimation (keys end in "+bnre").
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128, help="distillation batch")
     ap.add_argument("--eval-max", type=int, default=None, help="first N eval images only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=None, help="keep / reuse distilled images in this directory")
+    ap.add_argument("--bn-reestimate", action="store_true", help="also each row with BN re-estimation")
     ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -74,9 +78,20 @@ def main() -> None:
             iters = a.zeroq_iters if c == "zeroq" else a.genie_iters
             extra = {"width": a.genie_width} if c == "genie" else {}
             hist = []
-            data[c] = distill(fp, c, a.n_calib, seed=a.seed, history=hist, iterations=iters,
-                              batch_size=a.batch, **extra)
-            distill_s[c] = time.time() - t
+            key = f"{a.testbed}-{c}-n{a.n_calib}-i{iters}-b{a.batch}-s{a.seed}" + \
+                (f"-w{a.genie_width}" if c == "genie" else "")
+            cached = Path(a.cache) / f"{key}.pt" if a.cache else None
+            if cached is not None and cached.exists():
+                saved = torch.load(cached)
+                data[c], hist, took = saved["x"], saved["history"], saved["seconds"]
+            else:
+                data[c] = distill(fp, c, a.n_calib, seed=a.seed, history=hist, iterations=iters,
+                                  batch_size=a.batch, **extra)
+                took = time.time() - t
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"x": data[c], "history": hist, "seconds": took}, cached)
+            distill_s[c] = took
             rows[f"{a.testbed}/distill/{c}"] = {
                 "seconds": distill_s[c], "seconds_per_256": distill_s[c] * 256 / a.n_calib,
                 "iterations": iters, "batch": a.batch, "n": a.n_calib, **extra,
@@ -85,17 +100,18 @@ def main() -> None:
     for cfg in a.configs.split(","):
         w, act = CONFIGS[cfg]
         for c, x in data.items():
-            for meth in a.methods.split(","):
+            for meth, bnre in ((m, b) for m in a.methods.split(",")
+                               for b in ((False, True) if a.bn_reestimate else (False,))):
                 model = copy.deepcopy(fp)
                 opts = {"iterations": a.genie_m_iters} if meth == "genie-m" else None
                 rep = quantize_image_model(model, x, bits=w, act_bits=act, method=meth,
                                            n_calib=len(x), seed=a.seed, method_options=opts,
-                                           progress=False)
+                                           bn_reestimate=bnre, progress=False)
                 res = measure(model, fp_logits, x_eval, labels, pre)
                 res.update(quantize_seconds=rep.seconds, bits_per_weight=rep.bits_per_weight,
                            total_seconds=rep.seconds + distill_s.get(c, 0.0),
                            genie_m_iterations=a.genie_m_iters if meth == "genie-m" else None)
-                key = f"{a.testbed}/{c}/{cfg}/{meth}"
+                key = f"{a.testbed}/{c}/{cfg}/{meth}" + ("+bnre" if bnre else "")
                 rows[key] = res
                 print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},
                       flush=True)
