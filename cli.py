@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
                    help="image models: after quantization, give every BN-folded layer's channels the fp "
                         "model's mean and std on the calibration images")
+    q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="image models: subtract from each layer's bias the mean output shift its "
+                        "weight error causes on the calibration images")
     q.add_argument("--max-bops", type=float, help="image models with --alloc ip: a compute budget too, in "
                                                   "GBOPs (MACs x weight bits x input bits, summed)")
     q.add_argument("--group-size", type=int, help="-1 for one group per output row")
@@ -152,7 +155,7 @@ def cmd_quantize(a) -> dict:
                                                           "armor.iters": a.iters})
     else:
         r = r.with_overrides(method=a.method, bits=a.bits, act_bits=a.act_bits, max_bops=a.max_bops,
-                             bn_reestimate=a.bn_reestimate,
+                             bn_reestimate=a.bn_reestimate, bias_correction=a.bias_correction,
                              group_size=a.group_size, sym=a.sym,
                              act_order=a.act_order, alloc=a.alloc, bit_options=a.bit_options,
                              tie_fused=a.tie_fused, sensitivity=a.sensitivity, report=a.report,

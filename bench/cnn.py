@@ -8,7 +8,8 @@ Writes bench/results/cnn.json (rows keyed testbed/calib/wXaY/method), merged ove
 Distillation is run once per testbed and data source and reused by every row; its seconds per
 256 images are recorded, and each data-free row's total time (distillation + quantization).
 --cache DIR keeps the distilled images (keyed by every setting that makes them) for later runs.
---bn-reestimate runs every row a second time with BN re-estimation (keys end in "+bnre").
+--variants plain,bc,bnre,bc+bnre: each row also with bias correction and/or BN re-estimation
+(keys end in "+bc", "+bnre", "+bc+bnre").
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def main() -> None:
     ap.add_argument("--eval-max", type=int, default=None, help="first N eval images only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="keep / reuse distilled images in this directory")
-    ap.add_argument("--bn-reestimate", action="store_true", help="also each row with BN re-estimation")
+    ap.add_argument("--variants", default="plain",
+                    help="comma list of plain | bc (bias correction) | bnre (BN re-estimation) | bc+bnre")
     ap.add_argument("--out", default=str(default_path(__file__)))
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -100,18 +102,19 @@ def main() -> None:
     for cfg in a.configs.split(","):
         w, act = CONFIGS[cfg]
         for c, x in data.items():
-            for meth, bnre in ((m, b) for m in a.methods.split(",")
-                               for b in ((False, True) if a.bn_reestimate else (False,))):
+            for meth, var in ((m, v) for m in a.methods.split(",") for v in a.variants.split(",")):
+                post = set(var.split("+")) - {"plain"}
                 model = copy.deepcopy(fp)
                 opts = {"iterations": a.genie_m_iters} if meth == "genie-m" else None
                 rep = quantize_image_model(model, x, bits=w, act_bits=act, method=meth,
                                            n_calib=len(x), seed=a.seed, method_options=opts,
-                                           bn_reestimate=bnre, progress=False)
+                                           bn_reestimate="bnre" in post,
+                                           bias_correction="bc" in post, progress=False)
                 res = measure(model, fp_logits, x_eval, labels, pre)
                 res.update(quantize_seconds=rep.seconds, bits_per_weight=rep.bits_per_weight,
                            total_seconds=rep.seconds + distill_s.get(c, 0.0),
                            genie_m_iterations=a.genie_m_iters if meth == "genie-m" else None)
-                key = f"{a.testbed}/{c}/{cfg}/{meth}" + ("+bnre" if bnre else "")
+                key = f"{a.testbed}/{c}/{cfg}/{meth}" + "".join(f"+{v}" for v in ("bc", "bnre") if v in post)
                 rows[key] = res
                 print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},
                       flush=True)

@@ -28,13 +28,14 @@ from quantkit.formats.packed import PackedLinear
 from quantkit.model.convnet import fold_batchnorm, trace, units
 from quantkit.quant import genie_m, gptq, rtn  # noqa: F401  (they register themselves)
 from quantkit.quant.act import ActQuantizer
-from quantkit.quant.convnet import compress_layer, default_plan, quantize_convnet, reestimate_bn
+from quantkit.quant.convnet import (bias_correct, compress_layer, default_plan, quantize_convnet,
+                                    reestimate_bn)
 from quantkit.recipe import build_config
 from quantkit.types import QSpec
 from quantkit.version import __version__
 
 CHECKPOINT_FILE = "quantkit_image.json"
-BIAS = "bn_bias"            # a layer's bias after BN re-estimation (else the folded source's)
+BIAS = "bn_bias"            # a layer's bias after bias correction / BN re-estimation (else the folded source's)
 WEIGHTS_FILE = "quantized.safetensors"
 
 
@@ -176,7 +177,7 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                          calib_options: dict | None = None, method_options: dict | None = None,
                          alloc: str = "uniform", bit_options: list[int] = (2, 4, 8),
                          max_bops: float | None = None, bn_reestimate: bool = False,
-                         progress: bool = True) -> ImageReport:
+                         bias_correction: bool = False, progress: bool = True) -> ImageReport:
     """Quantize `model` in place: weights at `bits` per output channel (first and last layer at
     edge_bits), each layer's input at act_bits (None: weight-only), by `method`: a compressor
     (rtn, gptq) or a reconstruction method (genie-m). alloc (pareto | ip | baq): mixed precision,
@@ -184,7 +185,9 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
     calibration images; max_bops (GBOPs, with ip): the whole model's Σ MACs x weight bits x
     input bits (32 for a float input) stays within it too. bn_reestimate: afterwards, every
     BN-folded layer's output channels get back the fp model's mean and std on the calibration
-    images (quant.convnet.reestimate_bn)."""
+    images (quant.convnet.reestimate_bn). bias_correction: before that, every layer's bias takes
+    away the mean output shift its weight error causes on the calibration images
+    (quant.convnet.bias_correct)."""
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
@@ -203,7 +206,7 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
     if not tr.order:
         raise QuantkitError(f"{type(model).__name__}: no Conv2d or Linear layer ran in the forward")
     folded = set(fold_batchnorm(model, tr))
-    reference = copy.deepcopy(model) if bn_reestimate else None
+    reference = copy.deepcopy(model) if bn_reestimate or bias_correction else None
     plan = default_plan(tr.order, int(bits) if alloc == "uniform" else edge_bits, act_bits, edge_bits)
     plan.units = units(model, tr.order)
     choice, gbops = {}, None
@@ -229,9 +232,11 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
         packed, quantizers = quantize_convnet(model, plan, registry.get("compressor", method),
                                               batches, progress)
     biases = {}
+    if bias_correction:
+        biases = bias_correct(model, reference, [n for n in tr.order if n in packed], batches, progress)
     if bn_reestimate:
         layers = [n for n in tr.order if tr.bn_of.get(n) in folded and n in packed]
-        biases = reestimate_bn(model, reference, layers, packed, batches, progress)
+        biases.update(reestimate_bn(model, reference, layers, packed, batches, progress))
     n_weights = sum(p.shape[0] * p.shape[1] for p in packed.values())
     bpw = sum(p.storage_bits() for p in packed.values()) / n_weights
     return ImageReport(method=method, calib=calib if isinstance(calib, str) else "images",
@@ -240,6 +245,7 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                        settings={"n_calib": len(x), "edge_bits": edge_bits, "seed": seed,
                                  "alloc": alloc, "layer_bits": choice, "max_bops": max_bops,
                                  "gbops": gbops, "bn_reestimate": bn_reestimate,
+                                 "bias_correction": bias_correction,
                                  "calib_options": calib_options or {},
                                  "method_options": method_options or {}},
                        original_size_bytes=original, model=model, packed=packed, quantizers=quantizers,

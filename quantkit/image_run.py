@@ -114,6 +114,7 @@ def run_image(recipe: Recipe, progress: bool = True, model: nn.Module | None = N
         alloc=recipe.alloc, bit_options=options,
         n_calib=recipe.calib.n_samples, batch_size=recipe.calib.batch_size, seed=recipe.seed,
         max_bops=recipe.max_bops, bn_reestimate=recipe.bn_reestimate,
+        bias_correction=recipe.bias_correction,
         calib_options=section, method_options=recipe.sections.get(recipe.method.replace("-", "_"), {}),
         progress=progress)
     report.source = recipe.model

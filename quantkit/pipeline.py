@@ -188,6 +188,9 @@ def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
     if recipe.bn_reestimate:
         raise QuantkitError("--bn-reestimate re-fits the BatchNorm statistics of image models; a "
                             "language model has none")
+    if recipe.bias_correction:
+        raise QuantkitError("--bias-correction is for image models (their convs' biases absorb "
+                            "the mean output shift); language-model layers have no bias to use")
     if recipe.max_bops is not None:
         raise QuantkitError("--max-bops: a compute budget is for image models (their layers' MACs "
                             "at weight x activation bits); language models are weight-only")

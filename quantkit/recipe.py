@@ -39,6 +39,7 @@ class Recipe:
     act_bits: int | None = None     # image models: each layer's input at this width (None: fp)
     max_bops: float | None = None   # image models, --alloc ip: compute budget in GBOPs (Σ MACs x weight bits x input bits)
     bn_reestimate: bool = False     # image models: re-fit each BN-folded layer's channel mean/std to the fp model's after quantization
+    bias_correction: bool = False   # image models: subtract each layer's mean output shift from its weight error (E[δW·x]) from its bias
     bit_options: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8])  # or "BITS:GROUP"
     sensitivity: str = "hessian"    # hessian | fisher | trace | kl: how the cost table prices errors
     group_size: int = 128

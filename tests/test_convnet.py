@@ -345,3 +345,41 @@ def test_bn_reestimation_gives_each_folded_layer_the_fp_channel_statistics(tmp_p
     rep.save(tmp_path / "q")
     loaded = quantkit.load(str(tmp_path / "q"), kernel="reference")
     assert torch.equal(loaded(x[:8]).logits, rep.model(x[:8]).logits)
+
+
+@pytest.mark.parametrize("build,channels", [(resnet, 1), (mobilenet, 3)])
+def test_bias_correction_restores_each_layers_mean_output_on_fp_inputs(build, channels):
+    """Weight-only 2-bit RTN, then bias correction: fed the unquantized model's own input, every
+    layer (depthwise, strided, padded, linear) gives each output channel the same mean over the
+    calibration images and positions as the unquantized layer (E[δW·x] taken off the bias);
+    without the correction it does not."""
+    x = smooth(32, channels, seed=3)
+    fp = build()
+    tr = trace(fp, x[:2])
+    fold_batchnorm(fp, tr)
+    plain = quantize_image_model(build(), x, bits=2, act_bits=None, method="rtn", edge_bits=2,
+                                 progress=False)
+    rep = quantize_image_model(build(), x, bits=2, act_bits=None, method="rtn", edge_bits=2,
+                               bias_correction=True, progress=False)
+    assert sorted(rep.biases) == sorted(tr.order)
+    inputs, hs = {}, []
+    for n in tr.order:
+        hs.append(fp.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, n=n: inputs.__setitem__(n, a[0].detach())))
+    with torch.no_grad():
+        fp(x)
+    for h in hs:
+        h.remove()
+
+    def mean_out(model, n):
+        with torch.no_grad():
+            y = model.get_submodule(n)(inputs[n]).double()
+        return y.mean((0, 2, 3)) if y.dim() == 4 else y.mean(0)
+    groups = {fp.get_submodule(n).groups for n in tr.order if isinstance(fp.get_submodule(n), nn.Conv2d)}
+    assert groups != {1} or build is resnet                     # mobilenet has depthwise convs
+    for n in tr.order:
+        want = mean_out(fp, n)
+        assert torch.allclose(mean_out(rep.model, n), want, atol=1e-5, rtol=1e-4), n
+        assert torch.equal(rep.model.get_submodule(n).bias, rep.biases[n])
+        assert not torch.allclose(mean_out(plain.model, n), want, atol=1e-3, rtol=1e-2), n
+        assert torch.equal(rep.model.get_submodule(n).weight, plain.model.get_submodule(n).weight)

@@ -135,6 +135,9 @@ def test_ip_under_a_bops_budget_is_the_optimum_of_both_constraints():
 def test_image_errors_are_one_line_and_name_the_fix(checkpoint, tmp_path):
     with pytest.raises(QuantkitError, match="--act-bits: the language-model methods are weight-only"):
         quantkit.quantize("llama", act_bits=8, progress=False)
+    for flag in ("bias_correction", "bn_reestimate"):
+        with pytest.raises(QuantkitError, match=f"--{flag.replace('_', '-')} .*image models"):
+            quantkit.quantize("llama", **{flag: True}, progress=False)
     with pytest.raises(QuantkitError, match="fractional budget"):
         quantkit.quantize(resnet(), calib=smooth(8), bits=3.5, progress=False)
     from evals.images import imagefolder

@@ -9,6 +9,7 @@ order).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -200,6 +201,46 @@ def reestimate_bn(model: nn.Module, reference: nn.Module, layers: list[str],
         mod.weight.copy_(p.dequantize().reshape(mod.weight.shape).to(mod.weight))
         bias = mod.bias.double() if mod.bias is not None else torch.zeros_like(mean)
         new = (s * (bias - mean) + ref_mean).to(mod.weight.dtype)
+        if mod.bias is None:
+            mod.bias = nn.Parameter(new, requires_grad=False)
+        else:
+            mod.bias.copy_(new)
+        biases[name] = new.clone()
+    return biases
+
+
+@torch.no_grad()
+def bias_correct(model: nn.Module, reference: nn.Module, layers: list[str],
+                 batches: list[Tensor], progress: bool = True) -> dict[str, Tensor]:
+    """Bias correction (Nagel et al. 2019, empirically): each named layer's weight error
+    δW = W_q - W_ref shifts its output channels by E[δW * x] on average; subtract it from the
+    bias. The expectation is taken exactly on the calibration images: the reference (unquantized,
+    BN-folded) model's own input to the layer goes through a copy of the layer holding δW and
+    no bias (so its padding, stride and groups apply), averaged over images and positions.
+    Returns the new biases (also written into `model`)."""
+    deltas, sums = {}, {}
+    for name in layers:
+        mod, ref = model.get_submodule(name), reference.get_submodule(name)
+        d = copy.deepcopy(ref)
+        d.weight.copy_(mod.weight - ref.weight)
+        if d.bias is not None:
+            d.bias.zero_()
+        deltas[ref] = name, d
+
+    def hook(ref, args):
+        name, d = deltas[ref]
+        y = d(args[0]).double()
+        y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.reshape(-1, y.shape[-1]).T
+        s, k = sums.get(name, (0, 0))
+        sums[name] = s + y.sum(1), k + y.shape[1]
+    run_batches(reference, tqdm(batches, desc="bias correction", disable=not progress),
+                pre_hooks={ref: hook for ref in deltas})
+    biases = {}
+    for name in layers:
+        mod = model.get_submodule(name)
+        s, k = sums[name]
+        bias = mod.bias.double() if mod.bias is not None else torch.zeros_like(s)
+        new = (bias - s / k).to(mod.weight.dtype)
         if mod.bias is None:
             mod.bias = nn.Parameter(new, requires_grad=False)
         else:
