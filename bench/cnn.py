@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--zeroq-iters", type=int, default=500)
     ap.add_argument("--genie-iters", type=int, default=200)
     ap.add_argument("--genie-width", type=int, default=128, help="generator channels")
+    ap.add_argument("--genie-class-weight", type=float, default=0.0,
+                    help="Genie: weight of a cross-entropy term toward a random class per image")
     ap.add_argument("--genie-m-iters", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=128, help="distillation batch")
     ap.add_argument("--eval-max", type=int, default=None, help="first N eval images only")
@@ -79,9 +81,12 @@ def main() -> None:
         else:
             iters = a.zeroq_iters if c == "zeroq" else a.genie_iters
             extra = {"width": a.genie_width} if c == "genie" else {}
+            if c == "genie" and a.genie_class_weight:
+                extra["class_weight"] = a.genie_class_weight
             hist = []
             key = f"{a.testbed}-{c}-n{a.n_calib}-i{iters}-b{a.batch}-s{a.seed}" + \
-                (f"-w{a.genie_width}" if c == "genie" else "")
+                (f"-w{a.genie_width}" if c == "genie" else "") + \
+                (f"-cw{a.genie_class_weight:g}" if "class_weight" in extra else "")
             cached = Path(a.cache) / f"{key}.pt" if a.cache else None
             if cached is not None and cached.exists():
                 saved = torch.load(cached)

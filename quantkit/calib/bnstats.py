@@ -34,8 +34,11 @@ class BNStatLoss:
     per_image: ZeroQ's statistics (each image's own, over space); otherwise Genie's (the
     batch's, over batch and space). The model must be in eval mode: running stats stay."""
 
-    def __init__(self, model: nn.Module, per_image: bool):
+    def __init__(self, model: nn.Module, per_image: bool, class_weight: float = 0.0,
+                 generator: torch.Generator | None = None):
         self.model, self.per_image = model, per_image
+        self.class_weight, self.gen = class_weight, generator
+        self.targets: Tensor | None = None     # per batch: drawn at its first call, then kept
         self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
                     and m.track_running_stats and m.running_mean is not None]
         if not self.bns:
@@ -52,12 +55,18 @@ class BNStatLoss:
         handles = [bn.register_forward_pre_hook(self._hook) for bn in self.bns]
         self.terms = []
         try:
-            self.model(x)
+            out = self.model(x)
         finally:
             for h in handles:
                 h.remove()
         prior = stat_loss(x, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), self.per_image)
-        return torch.stack(self.terms).sum() + prior
+        loss = torch.stack(self.terms).sum() + prior
+        if self.class_weight:                 # each image toward its own random class
+            logits = (out.logits if hasattr(out, "logits") else out).flatten(1)
+            if self.targets is None:
+                self.targets = torch.randint(logits.shape[1], (len(x),), generator=self.gen)
+            loss = loss + self.class_weight * F.cross_entropy(logits, self.targets)
+        return loss
 
 
 def swing(x: Tensor, dy: int, dx: int) -> Tensor:
@@ -115,17 +124,20 @@ class Frozen:
 
 def optimise_batches(model: nn.Module, n: int, batch_size: int, iterations: int, per_image: bool,
                      make, desc: str, progress: bool = True, history: list | None = None,
-                     context=contextlib.nullcontext) -> Tensor:
+                     context=contextlib.nullcontext, class_weight: float = 0.0,
+                     generator: torch.Generator | None = None) -> Tensor:
     """The distillation loop both methods share: per batch of b images, `make(b)` gives
     (produce() -> images, optimisers, plateau schedulers (stepped on the loss), step
     schedulers); `iterations` steps on the BN-statistics loss, inside `context()`. history
-    gets (first, last) loss per batch."""
-    loss_fn = BNStatLoss(model, per_image)
+    gets (first, last) loss per batch. class_weight > 0 adds that times the cross-entropy of
+    each image toward a class drawn at random (from `generator`) per image."""
+    loss_fn = BNStatLoss(model, per_image, class_weight, generator)
     out = []
     bar = tqdm(total=-(-n // batch_size) * iterations, desc=desc, disable=not progress)
     with Frozen(model), bar:
         for start in range(0, n, batch_size):
             produce, opts, plateau, steps = make(min(batch_size, n - start))
+            loss_fn.targets = None
             first = None
             with context():
                 for _ in range(iterations):

@@ -22,6 +22,8 @@ class GenieConfig:
     lr_latent: float = 0.1          # the values the reference runs (its two lr flags are swapped)
     lr_generator: float = 0.01
     patience: int = 100
+    class_weight: float = 0.0       # > 0: also cross-entropy toward a random class per image
+                                    # (GDFQ / DeepInversion's term; Genie-D itself has none)
 
 
 class Generator(nn.Module):
@@ -67,4 +69,5 @@ def distill_genie(model: nn.Module, n: int, shape: tuple[int, int, int], seed: i
         decay = torch.optim.lr_scheduler.StepLR(opt_g, step_size=100, gamma=0.95)
         return (lambda: g(z)), [opt_z, opt_g], [plateau], [decay]
     return optimise_batches(model, n, cfg.batch_size, cfg.iterations, False, make, "genie",
-                            progress, history, context=lambda: SwingConvs(model, gen))
+                            progress, history, context=lambda: SwingConvs(model, gen),
+                            class_weight=cfg.class_weight, generator=gen)
