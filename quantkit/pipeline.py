@@ -189,8 +189,9 @@ def _check(recipe: Recipe, model: nn.Module | None = None) -> None:
         raise QuantkitError("--bn-reestimate re-fits the BatchNorm statistics of image models; a "
                             "language model has none")
     if recipe.bias_correction:
-        raise QuantkitError("--bias-correction is for image models (their convs' biases absorb "
-                            "the mean output shift); language-model layers have no bias to use")
+        raise QuantkitError("--bias-correction is for image models (each layer's bias absorbs "
+                            "the mean output shift of its weight error); language-model runs do "
+                            "not apply it")
     if recipe.max_bops is not None:
         raise QuantkitError("--max-bops: a compute budget is for image models (their layers' MACs "
                             "at weight x activation bits); language models are weight-only")

@@ -177,6 +177,16 @@ def channel_stats(model: nn.Module, layers: list[str], batches: list[Tensor],
     return out
 
 
+def _set_bias(mod: nn.Module, value: Tensor) -> Tensor:
+    """Give the layer this bias (creating it when the layer had none); returns a copy."""
+    value = value.to(mod.weight.dtype)
+    if mod.bias is None:
+        mod.bias = nn.Parameter(value, requires_grad=False)
+    else:
+        mod.bias.copy_(value)
+    return value.clone()
+
+
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, reference: nn.Module, layers: list[str],
                   packed: dict[str, PackedLinear], batches: list[Tensor],
@@ -200,12 +210,7 @@ def reestimate_bn(model: nn.Module, reference: nn.Module, layers: list[str],
         s = (p.tensors["scales"].float() / old.masked_fill(old == 0, 1))[:, 0].double()   # as stored
         mod.weight.copy_(p.dequantize().reshape(mod.weight.shape).to(mod.weight))
         bias = mod.bias.double() if mod.bias is not None else torch.zeros_like(mean)
-        new = (s * (bias - mean) + ref_mean).to(mod.weight.dtype)
-        if mod.bias is None:
-            mod.bias = nn.Parameter(new, requires_grad=False)
-        else:
-            mod.bias.copy_(new)
-        biases[name] = new.clone()
+        biases[name] = _set_bias(mod, s * (bias - mean) + ref_mean)
     return biases
 
 
@@ -240,10 +245,5 @@ def bias_correct(model: nn.Module, reference: nn.Module, layers: list[str],
         mod = model.get_submodule(name)
         s, k = sums[name]
         bias = mod.bias.double() if mod.bias is not None else torch.zeros_like(s)
-        new = (bias - s / k).to(mod.weight.dtype)
-        if mod.bias is None:
-            mod.bias = nn.Parameter(new, requires_grad=False)
-        else:
-            mod.bias.copy_(new)
-        biases[name] = new.clone()
+        biases[name] = _set_bias(mod, bias - s / k)
     return biases
