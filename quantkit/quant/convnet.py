@@ -156,6 +156,11 @@ def quantize_convnet(model: nn.Module, plan: ConvPlan, compressor, batches: list
     return packed, quantizers
 
 
+def _by_channel(y: Tensor) -> Tensor:
+    """A layer's output [N, C, ...] as float64 [C, everything else]: one row per channel."""
+    return y.double().transpose(0, 1).reshape(y.shape[1], -1)
+
+
 @torch.no_grad()
 def channel_stats(model: nn.Module, layers: list[str], batches: list[Tensor],
                   stop_after: nn.Module | None = None) -> dict[str, tuple[Tensor, Tensor]]:
@@ -165,7 +170,7 @@ def channel_stats(model: nn.Module, layers: list[str], batches: list[Tensor],
 
     def hook(name):
         def f(_m, _args, out):
-            y = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
+            y = _by_channel(out.detach())
             acc = sums[name]
             acc[0], acc[1], acc[2] = acc[0] + y.sum(1), acc[1] + (y * y).sum(1), acc[2] + y.shape[1]
         return f
@@ -234,8 +239,7 @@ def bias_correct(model: nn.Module, reference: nn.Module, layers: list[str],
 
     def hook(ref, args):
         name, d = deltas[ref]
-        y = d(args[0]).double()
-        y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.reshape(-1, y.shape[-1]).T
+        y = _by_channel(d(args[0]))
         s, k = sums.get(name, (0, 0))
         sums[name] = s + y.sum(1), k + y.shape[1]
     run_batches(reference, tqdm(batches, desc="bias correction", disable=not progress),
