@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--genie-class-weight", type=float, default=0.0,
                     help="Genie: weight of a cross-entropy term toward a random class per image")
     ap.add_argument("--genie-m-iters", type=int, default=1000)
+    ap.add_argument("--genie-m-options", default="{}",
+                    help='more Genie-M options as JSON, e.g. \'{"lr_round": 0.02, "start": "gptq"}\'')
     ap.add_argument("--batch", type=int, default=128, help="distillation batch")
     ap.add_argument("--eval-max", type=int, default=None, help="first N eval images only")
     ap.add_argument("--seed", type=int, default=0)
@@ -110,7 +113,8 @@ def main() -> None:
             for meth, var in ((m, v) for m in a.methods.split(",") for v in a.variants.split(",")):
                 post = set(var.split("+")) - {"plain"}
                 model = copy.deepcopy(fp)
-                opts = {"iterations": a.genie_m_iters} if meth == "genie-m" else None
+                opts = ({"iterations": a.genie_m_iters, **json.loads(a.genie_m_options)}
+                        if meth == "genie-m" else None)
                 rep = quantize_image_model(model, x, bits=w, act_bits=act, method=meth,
                                            n_calib=len(x), seed=a.seed, method_options=opts,
                                            bn_reestimate="bnre" in post,
@@ -118,7 +122,8 @@ def main() -> None:
                 res = measure(model, fp_logits, x_eval, labels, pre)
                 res.update(quantize_seconds=rep.seconds, bits_per_weight=rep.bits_per_weight,
                            total_seconds=rep.seconds + distill_s.get(c, 0.0),
-                           genie_m_iterations=a.genie_m_iters if meth == "genie-m" else None)
+                           genie_m_iterations=a.genie_m_iters if meth == "genie-m" else None,
+                           genie_m_options=opts)
                 key = f"{a.testbed}/{c}/{cfg}/{meth}" + "".join(f"+{v}" for v in ("bc", "bnre") if v in post)
                 rows[key] = res
                 print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},

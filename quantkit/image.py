@@ -207,7 +207,8 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
         raise QuantkitError(f"{type(model).__name__}: no Conv2d or Linear layer ran in the forward")
     folded = set(fold_batchnorm(model, tr))
     reference = copy.deepcopy(model) if bn_reestimate or bias_correction else None
-    plan = default_plan(tr.order, int(bits) if alloc == "uniform" else edge_bits, act_bits, edge_bits)
+    plan = default_plan(tr.order, int(bits) if alloc == "uniform" else edge_bits, act_bits, edge_bits,
+                        first_output=tr.readers(tr.order[1]) if len(tr.order) > 1 else None)
     plan.units = units(model, tr.order)
     choice, gbops = {}, None
     if alloc != "uniform":

@@ -12,6 +12,7 @@ from quantkit import registry
 from quantkit.calib.bnstats import BNStatLoss, SwingConvs, swing
 from quantkit.calib.synthetic import distill
 from quantkit.errors import QuantkitError
+from quantkit.formats.packed import int_parts, make_int
 from quantkit.image import quantize_image_model
 from quantkit.model.convnet import batchnorms, fold_batchnorm, trace, unfold_input, unit_layers, units
 from quantkit.quant.act import ActQuantizer, attach_input_quantizers, fake_quant, mse_scale, qrange
@@ -233,6 +234,22 @@ def test_swing_preserves_shapes_and_is_the_plain_conv_at_zero_offset():
     torch.testing.assert_close(m(smooth(2)).logits, ref)      # hooks gone after the context
 
 
+def test_default_plan_keeps_the_first_layers_output_and_the_last_layer_at_8_bits():
+    m = resnet(depths=(2, 1))
+    tr = trace(m, smooth(2))
+    first = tr.readers(tr.order[1])
+    assert first == [tr.order[1]]                 # stage 0 has no shortcut conv: one reader
+    plan = default_plan(tr.order, 4, 4, first_output=first)
+    assert plan.acts[tr.order[0]] is None and plan.acts[tr.order[1]] == 8 and plan.acts[tr.order[-1]] == 8
+    assert all(plan.acts[n] == 4 for n in tr.order[2:-1])
+    assert [plan.weights[n].bits for n in tr.order] == [8] + [4] * (len(tr.order) - 2) + [8]
+    # a stage-1 block reads one tensor in two convs (shortcut and main path): both are readers
+    sc = next(n for n in tr.order if "shortcut" in n)
+    block = sc.rsplit(".shortcut", 1)[0]
+    assert tr.readers(sc) == [n for n in tr.order if n.startswith(block) and n.endswith(("layer.0.convolution", "shortcut.convolution"))]
+    assert default_plan(tr.order, 4, None).acts == {n: None for n in tr.order}
+
+
 def test_genie_m_codes_are_integers_within_one_step_of_rtn():
     torch.manual_seed(0)
     W = torch.randn(6, 3, 3, 3)
@@ -250,6 +267,60 @@ def test_genie_m_codes_are_integers_within_one_step_of_rtn():
     up = (sw.h() >= 0.5).float()
     assert torch.equal(codes, torch.clamp(sw.base + up + sw.zero, 0, 15)) and 0 < up.mean() < 1
     torch.testing.assert_close(p.dequantize(), (codes - sw.zero) * sw.scale.detach().half().float())
+
+
+def test_genie_m_start_from_another_rounding_keeps_its_grid_and_sides():
+    torch.manual_seed(3)
+    W = torch.randn(5, 18)
+    s0, z = init_scale(W, 3, 2.4)
+    rtn = torch.clamp(torch.round(W / s0[:, None]) + z[:, None], 0, 7)
+    moved = torch.randint(-2, 3, W.shape) * (torch.rand(W.shape) < 0.3)    # GPTQ-like moves
+    start = make_int(torch.clamp(rtn + moved, 0, 7).to(torch.int32), s0[:, None], z[:, None], 3, -1)
+    codes0, scale0, zero0, _ = int_parts(start)
+    sw = SoftWeight(W, 3, 2.4, start)
+    torch.testing.assert_close(sw.scale.detach(), scale0)
+    assert torch.equal(sw.zero, zero0)
+    step = codes0 - zero0 - sw.base                                   # the start's move off the floor
+    inside = (step == 0) | (step == 1)
+    assert 0.6 < inside.float().mean() < 1
+    hard = sw.codes(True)
+    assert torch.equal(hard[inside], codes0[inside])                  # its codes where reachable
+    assert torch.equal(hard[~inside], torch.clamp(sw.base + (step >= 1).float() + sw.zero, 0, 7)[~inside])
+    frac = W / scale0 - sw.base                                        # as far from 1/2 as the weight
+    keep = (frac - 0.5).abs().clamp(max=0.5 - 1e-3)
+    torch.testing.assert_close((sw.h() - 0.5).abs().clamp(max=0.5 - 1e-3), keep, atol=1e-4, rtol=0)
+
+
+def test_genie_m_gptq_start_gives_gptq_codes_in_the_first_unit():
+    m = resnet()
+    x = smooth(48, seed=7)
+    tr = trace(m, x[:2])
+    fold_batchnorm(m, tr)
+    plan = default_plan(tr.order, 3, 4)
+    plan.units = units(m, tr.order)
+    g = copy.deepcopy(m)
+    ref, _ = quantize_convnet(g, plan, registry.get("compressor", "gptq"), [x], progress=False)
+    w = copy.deepcopy(m)
+    packed, _ = genie_m(w, plan, [x], GenieMConfig(iterations=0, start="gptq"), progress=False)
+    first = [n for n in unit_layers(plan.units[0], plan.order) if n in plan.weights]
+    assert first
+    for n in first:
+        cg, sg, zg, _ = int_parts(ref[n])
+        cw, sw_, zw, _ = int_parts(packed[n])
+        assert torch.equal(sg, sw_) and torch.equal(zg, zw)
+        base = torch.floor(m.get_submodule(n).weight.reshape(cg.shape[0], -1) / sg)
+        inside = ((cg - zg - base) >= 0) & ((cg - zg - base) <= 1)
+        assert 0.9 < inside.float().mean() < 1 and torch.equal(cw[inside], cg[inside])
+        assert torch.equal(cw - zw - base >= 1, cg - zg - base >= 1)    # elsewhere its side, clipped
+        assert ((cw - zw - base) >= 0).all() and ((cw - zw - base) <= 1).all()
+    torch.manual_seed(0)
+    trained = copy.deepcopy(m)
+    genie_m(trained, plan, [x], GenieMConfig(iterations=400, start="gptq"), progress=False)
+    ref = copy.deepcopy(m)(x).logits                             # m is BN-folded, unquantized
+    err = {k: float((v(x).logits - ref).pow(2).mean()) for k, v in (("start", w), ("trained", trained))}
+    assert err["trained"] < 0.9 * err["start"]                  # reconstruction improves on GPTQ
+    with pytest.raises(QuantkitError, match="nearest | gptq"):
+        genie_m(copy.deepcopy(m), plan, [x], GenieMConfig(iterations=0, start="adaround"), progress=False)
 
 
 def test_init_scale_is_the_grid_optimum():
@@ -273,9 +344,11 @@ def test_genie_m_reconstruction_beats_its_own_start_and_stores_what_runs():
     plan = default_plan(tr.order, 3, 4)
     plan.units = units(m, tr.order)
     cold = copy.deepcopy(m)
-    genie_m(cold, plan, [x], GenieMConfig(iterations=0), progress=False)
+    genie_m(cold, plan, [x], GenieMConfig(iterations=0, start="nearest"), progress=False)
     warm = copy.deepcopy(m)
-    packed, quantizers = genie_m(warm, plan, [x], GenieMConfig(iterations=200), progress=False)
+    torch.manual_seed(0)                                        # QDrop's draws
+    packed, quantizers = genie_m(warm, plan, [x], GenieMConfig(iterations=200, start="nearest"),
+                                 progress=False)
     ref = fp(x).logits
 
     def err(model):

@@ -96,11 +96,13 @@ def test_ip_under_a_bops_budget_is_the_optimum_of_both_constraints():
     x = smooth(32, seed=4)
     tr = trace(m, x[:2])
     fold_batchnorm(m, tr)
-    plan = default_plan(tr.order, 8, 6)
+    first = tr.readers(tr.order[1])                   # read the first layer's output: 8-bit inputs
+    plan = default_plan(tr.order, 8, 6, first_output=first)
+    ib = {n: 8 if n in first else 6 for n in tr.order}
     table = kl_table(m, tr.order[1:-1], [2, 4, 8], x)
     macs = layer_macs(m, tr.order, x)
     edges = sum(macs[n] * 8 * (32 if i == 0 else 8) for i, n in enumerate((tr.order[0], tr.order[-1])))
-    mid = [macs[n] * 6 for n in table.layers]                        # per weight bit, input at 6 bits
+    mid = [macs[n] * ib[n] for n in table.layers]                    # per weight bit
 
     def best(budget_g):
         feasible = [c for c in itertools.product(range(3), repeat=len(mid))
@@ -123,7 +125,7 @@ def test_ip_under_a_bops_budget_is_the_optimum_of_both_constraints():
     rep = quantkit.quantize(resnet(), calib=x, bits=6, act_bits=6, method="rtn", alloc="ip",
                             sensitivity="kl", bit_options=[2, 4, 8], max_bops=tight, progress=False)
     chosen = rep.settings["layer_bits"]
-    spent = edges + sum(macs[n] * 6 * b for n, b in chosen.items())
+    spent = edges + sum(macs[n] * ib[n] * b for n, b in chosen.items())
     assert spent <= tight * 1e9 and rep.settings["gbops"] == pytest.approx(spent / 1e9, rel=1e-12)
     with pytest.raises(QuantkitError, match="--max-bops needs --alloc ip"):
         quantkit.quantize(resnet(), calib=x, bits=6, act_bits=6, method="rtn", alloc="pareto",

@@ -5,7 +5,7 @@ blocks) that learned rounding optimises one at a time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,11 @@ class Trace:
     order: list[str]            # quantizable layers in execution order
     bn_of: dict[str, str]       # conv -> the BatchNorm that reads its output directly
     calls: dict[str, int]       # module name -> times called in one forward
+    reads: dict[str, int] = field(default_factory=dict)   # layer -> which tensor it read (same id: same tensor)
+
+    def readers(self, name: str) -> list[str]:
+        """The layers that read the very tensor `name` reads (name included), in order."""
+        return [n for n in self.order if self.reads.get(n, n) == self.reads.get(name, name)]
 
 
 @torch.no_grad()
@@ -54,7 +59,7 @@ def trace(model: nn.Module, x: Tensor) -> Trace:
     """Run one forward on x and record the execution order and conv -> BN edges."""
     names = {id(m): n for n, m in model.named_modules()}
     outputs: dict[int, tuple[str, Tensor]] = {}     # tensors kept alive so ids stay unique
-    order, bn_of, calls, handles = [], {}, {}, []
+    order, bn_of, calls, handles, reads, alive = [], {}, {}, [], {}, []
 
     def after(mod, args, out):
         name = names[id(mod)]
@@ -62,6 +67,9 @@ def trace(model: nn.Module, x: Tensor) -> Trace:
         if is_quant_layer(mod):
             order.append(name)
             outputs[id(out)] = (name, out)
+            if args:
+                reads.setdefault(name, id(args[0]))
+                alive.append(args[0])
 
     def before_bn(mod, args):
         hit = outputs.get(id(args[0]))
@@ -77,7 +85,7 @@ def trace(model: nn.Module, x: Tensor) -> Trace:
     finally:
         for h in handles:
             h.remove()
-    return Trace(list(dict.fromkeys(order)), bn_of, calls)
+    return Trace(list(dict.fromkeys(order)), bn_of, calls, reads)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -38,15 +38,19 @@ class ConvPlan:
 
 
 def default_plan(order: list[str], bits: int, act_bits: int | None, edge_bits: int = 8,
-                 method_spec: QSpec | None = None) -> ConvPlan:
-    """Per output channel asymmetric weights; the first and last layers at edge_bits (weights
-    and the last one's input; the first layer's input is the image itself and stays fp)."""
+                 method_spec: QSpec | None = None, first_output: list[str] | None = None) -> ConvPlan:
+    """Per output channel asymmetric weights; the first and last layers at edge_bits: their
+    weights, the last one's input and the first one's output, i.e. the input of every layer in
+    first_output (default: the second layer; Trace.readers(order[1]) names all that read the
+    same tensor). The first layer's input is the image itself and stays fp. (BRECQ / QDrop /
+    Genie's setting.)"""
     base = method_spec or QSpec(bits=bits, group_size=-1, sym=False, act_order=True, mse=False)
+    eight = set(order[1:2] if first_output is None else first_output) | set(order[-1:])
     weights, acts = {}, {}
     for i, name in enumerate(order):
         edge = i in (0, len(order) - 1)
         weights[name] = QSpec(**{**base.__dict__, "bits": edge_bits if edge else bits})
-        acts[name] = None if i == 0 or act_bits is None else (edge_bits if edge else act_bits)
+        acts[name] = None if i == 0 or act_bits is None else (edge_bits if name in eight else act_bits)
     return ConvPlan(weights, acts, order)
 
 

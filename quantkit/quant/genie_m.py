@@ -6,6 +6,12 @@ base ⌊W/s₀⌋ frozen at init while s is learned (what sets Genie-M apart fro
 Activations use LSQ step sizes; QDrop mixes quantized and full-precision values (p = 0.5) at the
 unit's input and at every activation quantizer. The loss is the unit's output error against the
 full-precision model plus the annealed rounding regulariser Σ 1 − |2h−1|^β.
+
+start "gptq" (the default; not in the paper, whose start is "nearest"): the grid (s₀, zero) and the side of each weight's rounding
+come from GPTQ on the unit's inputs instead of from nearest rounding; h(V) starts on GPTQ's
+side (clipped to ⌊W/s₀⌋ or ⌊W/s₀⌋+1), as far from ½ as the weight's own fraction, so hard
+rounding before any iteration gives GPTQ's codes wherever GPTQ stays within one step of the
+weight. It is for short CPU budgets, where nearest-rounding starts have no time to move.
 """
 from __future__ import annotations
 
@@ -17,10 +23,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quantkit.formats.packed import PackedLinear, make_int
+from quantkit.errors import QuantkitError
+from quantkit.formats.packed import PackedLinear, int_parts, make_int
 from quantkit.model.convnet import unit_layers
 from quantkit.quant.act import ActQuantizer, attach_input_quantizers
-from quantkit.quant.convnet import ConvPlan, calibrate_activations, run_batches
+from quantkit.quant.convnet import ConvPlan, calibrate_activations, compress_layer, layer_hessians, run_batches
+from quantkit.quant.gptq import gptq as gptq_compress
 from quantkit.registry import register
 
 GAMMA, ZETA = -0.1, 1.1
@@ -38,6 +46,7 @@ class GenieMConfig:
     lr_act_scale: float = 4e-5
     drop_prob: float = 0.5          # QDrop
     scale_p: float = 2.4            # s₀: the clip ratio minimising Σ |w − q(w)|^p per channel
+    start: str = "gptq"             # gptq: grid and rounding sides from GPTQ | nearest (the paper)
 
 
 def init_scale(W: Tensor, bits: int, p: float = 2.4, grid: int = 100) -> tuple[Tensor, Tensor]:
@@ -62,14 +71,22 @@ def init_scale(W: Tensor, bits: int, p: float = 2.4, grid: int = 100) -> tuple[T
 class SoftWeight(nn.Module):
     """The soft-rounded weight of one layer, with its frozen integer base and learned step."""
 
-    def __init__(self, W: Tensor, bits: int, p: float):
+    def __init__(self, W: Tensor, bits: int, p: float, start: PackedLinear | None = None):
         super().__init__()
         self.shape, self.bits = W.shape, bits
         W2 = W.reshape(W.shape[0], -1).float()
-        s0, z = init_scale(W2, bits, p)
+        if start is None:
+            s0, z = init_scale(W2, bits, p)
+        else:                                    # start's grid (per channel: one group)
+            codes, scales, zeros, _ = int_parts(start)
+            s0, z = scales[:, 0], zeros[:, 0]
         self.register_buffer("base", torch.floor(W2 / s0[:, None]))
         self.register_buffer("zero", z[:, None])
-        rest = (W2 / s0[:, None] - self.base).clamp(1e-4, 1 - 1e-4)      # h(V) = rest at init
+        rest = W2 / s0[:, None] - self.base
+        if start is not None:                    # on start's side of ½, as far from it as rest
+            far = torch.maximum(rest, 1 - rest)
+            rest = torch.where(codes.float() - self.zero - self.base >= 1, far, 1 - far)
+        rest = rest.clamp(1e-4, 1 - 1e-4)        # h(V) = rest at init
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.scale = nn.Parameter(s0[:, None].clone())
 
@@ -115,11 +132,28 @@ def _rec_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).pow(2).sum(1).mean()
 
 
+def gptq_starts(model: nn.Module, layers: dict[str, nn.Module], plan: ConvPlan,
+                batches: list[Tensor], stop_after: nn.Module | None) -> dict[str, PackedLinear]:
+    """GPTQ of each layer on the Hessian of the inputs it gets now (as quantize_convnet does);
+    the layers keep their unquantized weights."""
+    stats = layer_hessians(model, list(layers), batches, stop_after)
+    starts = {}
+    for n, m in layers.items():
+        keep = m.weight.detach().clone()
+        starts[n] = compress_layer(m, gptq_compress, stats[n], plan.weights[n])
+        with torch.no_grad():
+            m.weight.copy_(keep)
+    return starts
+
+
 def reconstruct_unit(unit: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
                      quantizers: list[ActQuantizer], x_q: Tensor, x_fp: Tensor, y: Tensor,
-                     cfg: GenieMConfig, gen: torch.Generator, bar=None) -> dict[str, PackedLinear]:
+                     cfg: GenieMConfig, gen: torch.Generator, bar=None,
+                     starts: dict[str, PackedLinear] | None = None) -> dict[str, PackedLinear]:
     """Optimise the unit's rounding, weight steps and activation steps; harden; return packed."""
-    soft = {n: SoftWeight(m.weight.detach(), bits[n], cfg.scale_p) for n, m in layers.items()}
+    starts = starts or {}
+    soft = {n: SoftWeight(m.weight.detach(), bits[n], cfg.scale_p, starts.get(n))
+            for n, m in layers.items()}
     for q in quantizers:
         q.scale.requires_grad_(True)
     opt = torch.optim.Adam([{"params": [s.V for s in soft.values()], "lr": cfg.lr_round},
@@ -174,6 +208,8 @@ def genie_m(model: nn.Module, plan: ConvPlan, batches: list[Tensor], config: Gen
             seed: int = 0, progress: bool = True) -> tuple[dict[str, PackedLinear], dict[str, ActQuantizer]]:
     """Genie-M over every unit of the plan, in execution order; `model` ends up quantized."""
     cfg = config or GenieMConfig()
+    if cfg.start not in ("nearest", "gptq"):
+        raise QuantkitError(f"genie_m.start {cfg.start!r}: use nearest | gptq")
     gen = torch.Generator().manual_seed(seed)
     fp = copy.deepcopy(model)
     quantizers = attach_input_quantizers(model, {n: b for n, b in plan.acts.items() if b is not None})
@@ -190,10 +226,12 @@ def genie_m(model: nn.Module, plan: ConvPlan, batches: list[Tensor], config: Gen
             if mine:
                 calibrate_activations(model, {n: quantizers[n] for n in names if n in quantizers},
                                       batches, mod if unit else None)
+            layers = {n: model.get_submodule(n) for n in names}
+            starts = (gptq_starts(model, layers, plan, batches, mod if unit else None)
+                      if cfg.start == "gptq" else None)
             x_q, _ = capture(model, mod, batches)
             x_fp, y = capture(fp, fp.get_submodule(unit) if unit else fp, batches)
-            layers = {n: model.get_submodule(n) for n in names}
             packed.update(reconstruct_unit(mod, layers, {n: plan.weights[n].bits for n in names},
-                                           mine, x_q, x_fp, y, cfg, gen, bar))
+                                           mine, x_q, x_fp, y, cfg, gen, bar, starts))
     return packed, quantizers
 
