@@ -7,11 +7,11 @@ Activations use LSQ step sizes; QDrop mixes quantized and full-precision values 
 unit's input and at every activation quantizer. The loss is the unit's output error against the
 full-precision model plus the annealed rounding regulariser Σ 1 − |2h−1|^β.
 
-start "gptq" (the default; not in the paper, whose start is "nearest"): the grid (s₀, zero) and the side of each weight's rounding
-come from GPTQ on the unit's inputs instead of from nearest rounding; h(V) starts on GPTQ's
-side (clipped to ⌊W/s₀⌋ or ⌊W/s₀⌋+1), as far from ½ as the weight's own fraction, so hard
-rounding before any iteration gives GPTQ's codes wherever GPTQ stays within one step of the
-weight. It is for short CPU budgets, where nearest-rounding starts have no time to move.
+start "gptq" (the default; the paper's start is "nearest"): the grid (s₀, zero) and the side of
+each weight's rounding come from GPTQ on the unit's inputs; h(V) starts on GPTQ's side (clipped
+to ⌊W/s₀⌋ or ⌊W/s₀⌋+1), as far from ½ as the weight's own fraction, so hard rounding before any
+iteration gives GPTQ's codes wherever GPTQ stays within one step of the weight. For short CPU
+budgets, where a nearest-rounding start has no time to move (README: Lite0 W4A4).
 """
 from __future__ import annotations
 
