@@ -272,14 +272,19 @@ def test_uniform_allocator_gives_every_layer_the_widest_option_that_fits():
     assert uniform.needs_table is False                               # the pipeline plans it directly
 
 
-def test_fisher_table_prices_every_position_but_each_windows_first():
+@pytest.mark.parametrize("chunk", [128, 4])
+def test_fisher_table_prices_every_position_but_each_windows_first(chunk, monkeypatch):
     """fisher's cost: Σ_o F_o (E H Eᵀ)_oo with F = mean g² of the loss w.r.t. the layer's
     outputs (the first two batches, as the table takes them) and H = mean x xᵀ of its inputs
     (every batch), both over every position but each window's first (the attention sink):
-    written here from explicit tokens and gradients. Every window starts with one token whose
-    embedding points along one axis, so that leaving position 0 in either F or H shows."""
+    written here from explicit tokens and gradients of the whole window's logits. Every window
+    starts with one token whose embedding points along one axis, so that leaving position 0 in
+    either F or H shows. The loss's head runs on `chunk` positions at a time (4: chunks of
+    15 predicted positions 4, 4, 4, 3)."""
     from quantkit.quant.rtn import rtn
+    from quantkit.stats import sensitivity
     from quantkit.stats.sensitivity import fisher_table
+    monkeypatch.setattr(sensitivity, "LOSS_CHUNK", chunk)
     from quantkit.types import QSpec
     from tests.conftest import tiny_model, token_batches
     model = tiny_model("llama")

@@ -79,6 +79,22 @@ def test_rotation_keeps_fp_logits(family, tied):
     assert all(b.mlp.down_proj.input_hadamard == [12, 12] for b in model.model.layers)
 
 
+def test_rotation_without_the_residual_keeps_norms_embeddings_and_logits():
+    """residual=False: an online Hadamard on every block linear's input, values rotated per
+    head; the norms, the (tied) embeddings and the head are untouched, the logits unchanged."""
+    model = perturbed("llama", tied=True)
+    ids = token_batches(n=2, seqlen=24, batch=2, seed=1)[0]
+    ref, before = outputs(model, ids), {n: p.detach().clone() for n, p in model.named_parameters()}
+    rotate_model(model, seed=0, residual=False)
+    assert (outputs(model, ids) - ref).abs().max() < 1e-4
+    lins = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    assert {n for n in lins if model.get_submodule(n).input_hadamard} == lins
+    same = {n for n, p in model.named_parameters() if torch.equal(p, before[n])}
+    assert same == {n for n in before if "layers" not in n or "norm" in n}   # only block linears change
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.config.tie_word_embeddings is True
+
+
 @pytest.mark.parametrize("n, ab", [(144, (12, 12)), (1536, (32, 48)), (576, (24, 24)), (80, (4, 20))])
 def test_online_hadamard_is_the_kronecker_product_in_two_small_matmuls(n, ab):
     assert hadamard_factors(n) == ab
@@ -190,15 +206,18 @@ def tied_ckpt(tmp_path_factory):
     return d
 
 
-def test_rsq_pipeline_saves_and_loads_the_same_model(tied_ckpt, tmp_path):
+@pytest.mark.parametrize("residual", [True, False])
+def test_rsq_pipeline_saves_and_loads_the_same_model(tied_ckpt, tmp_path, residual):
     calib = CalibConfig(dataset=str(tied_ckpt / "text.txt"), n_samples=8, seqlen=32)
     recipe = Recipe(model=str(tied_ckpt / "llama"), method="rsq", bits=3, group_size=32,
-                    out=str(tmp_path / "q"), calib=calib).with_overrides(**{"rsq.seed": 1})
+                    out=str(tmp_path / "q"), calib=calib).with_overrides(
+                        **{"rsq.seed": 1, "rsq.residual": residual})
     rep = run(recipe, progress=False)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     fake = outputs(rep.model, ids)
     loaded = quantkit.load(tmp_path / "q", kernel="reference")
-    assert loaded.config.tie_word_embeddings is False
+    assert loaded.config.tie_word_embeddings is not residual
+    assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) is not residual
     assert (outputs(loaded, ids) - fake).norm() / fake.norm() < 1e-5
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")        # the fast kernel, bf16 activations
@@ -206,8 +225,9 @@ def test_rsq_pipeline_saves_and_loads_the_same_model(tied_ckpt, tmp_path):
     assert (outputs(hf, ids) - fake).norm() / fake.norm() < 1e-2
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved["recipe"]["rsq"]["seed"] == 1 and len(saved["layers"]) == 14
-    assert [n for n, v in saved["layers"].items() if v.get("input_hadamard") == [12, 12]] == \
-        [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    online = {n: v["input_hadamard"] for n, v in saved["layers"].items() if "input_hadamard" in v}
+    downs = {f"model.layers.{i}.mlp.down_proj": [12, 12] for i in range(2)}
+    assert online == (downs if residual else {**{n: [4, 20] for n in saved["layers"]}, **downs})
     from quantkit.formats.export import export
     with pytest.raises(QuantkitError, match="online Hadamard"):
         export(tmp_path / "q", tmp_path / "ct", "gptq")

@@ -119,7 +119,10 @@ def test_streaming_refuses_what_needs_the_whole_model(src, tmp_path, kw, match):
     assert not (tmp_path / "q").exists()
 
 
-def test_nan_in_a_later_block_fails_when_read_and_leaves_no_output(src, tmp_path):
+@pytest.mark.parametrize("slab", [None, 7])       # 7: every 16-bit matrix widened a few rows at a time
+def test_nan_in_a_later_block_fails_when_read_and_leaves_no_output(src, tmp_path, slab, monkeypatch):
+    if slab:
+        monkeypatch.setattr(stream_mod, "_SLAB", slab)
     from safetensors.torch import load_file, save_file
     import shutil
     bad = tmp_path / "bad"
@@ -134,6 +137,23 @@ def test_nan_in_a_later_block_fails_when_read_and_leaves_no_output(src, tmp_path
         quantkit.quantize(str(bad), out=str(tmp_path / "q"), method="gptq", progress=False, stream=True,
                           **{**KW, "calib.dataset": str(src / "text.txt")})
     assert not (tmp_path / "q").exists()
+
+
+def test_slab_reads_equal_whole_reads(src, tmp_path, monkeypatch):
+    """16-bit matrices above _SLAB elements are widened to fp32 a slab of rows at a time (the
+    whole file-dtype copy never sits beside the fp32 one): the same output as whole reads."""
+    run(src, "llama", tmp_path / "whole", stream=True)
+    whole = load_tensors(tmp_path / "whole")
+    widened = []
+    orig = stream_mod.Streamed._widened
+    monkeypatch.setattr(stream_mod, "_SLAB", 7)
+    monkeypatch.setattr(stream_mod.Streamed, "_widened",
+                        lambda self, sl: widened.append(orig(self, sl)) or widened[-1])
+    run(src, "llama", tmp_path / "slabs", stream=True)
+    slabs = load_tensors(tmp_path / "slabs")
+    assert whole.keys() == slabs.keys() and all(torch.equal(whole[k], slabs[k]) for k in whole)
+    assert sum(t is not None and t.dim() == 2 for t in widened) >= 3 * 7 + 2   # blocks, embeddings, head
+    assert all(t is None or t.dtype == torch.float32 for t in widened)
 
 
 def test_a_streamed_report_cannot_be_saved_again(src, tmp_path):

@@ -10,6 +10,8 @@ bit-identical to the same block of the whole model loaded at once.
 """
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,6 +102,10 @@ def trim_heap(collect: bool = True) -> None:
     _glibc("malloc_trim", 0)
 
 
+_FILE_BYTES = {"F16": 2, "BF16": 2}   # file dtypes widened to fp32 a slab at a time
+_SLAB = 1 << 22                      # elements per slab (16 MB in fp32)
+
+
 class Streamed:
     """Where each tensor of `model` lives in the checkpoint at `directory`, and the means to
     bring a module's tensors in (materialize) and out (release) again."""
@@ -129,6 +135,12 @@ class Streamed:
             if n in self.where:
                 f, key = self.where[n]
                 with safetensors.safe_open(str(f), "pt") as st:
+                    sl = st.get_slice(key)
+                    t = self._widened(sl)
+                    if t is not None:
+                        self.bytes_read += t.numel() * _FILE_BYTES[sl.get_dtype()]
+                        non_finite([(n, t)])    # finite in the file's dtype iff after widening
+                        return t
                     t = st.get_tensor(key)
                 self.bytes_read += t.numel() * t.element_size()
                 if not t.is_floating_point():
@@ -141,6 +153,20 @@ class Streamed:
                     non_finite([(n, t)])
                 return t
         raise QuantkitError(f"{names[0]}: in no weight file of the checkpoint; download it again")
+
+    def _widened(self, sl) -> Tensor | None:
+        """A large 16-bit float tensor read into self.dtype a slab of rows at a time, so that
+        the file-dtype copy of the whole tensor (a vocabulary matrix: hundreds of MB) never
+        sits beside the widened one; None for anything else (read whole)."""
+        shape = sl.get_shape()
+        if (sl.get_dtype() not in _FILE_BYTES or len(shape) < 2 or self.dtype != torch.float32
+                or math.prod(shape) <= _SLAB):
+            return None
+        out = torch.empty(shape, dtype=self.dtype)
+        step = max(1, _SLAB // math.prod(shape[1:]))
+        for a in range(0, shape[0], step):
+            out[a:a + step] = sl[a:a + step]
+        return out
 
     def _put(self, names: list[str], value: Tensor | None) -> None:
         """One Parameter (value, or an empty meta tensor) under every name of a tied set."""

@@ -108,6 +108,10 @@ def _check(model: nn.Module) -> None:
         raise QuantkitError(f"RSQ rotation needs a language-model head; {type(model).__name__} has none")
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
 def untie_embeddings(model: nn.Module) -> None:
     """Give lm_head its own weight (and say so in the config) so the two can be rotated apart."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -139,7 +143,7 @@ def fuse_norms(model: nn.Module) -> None:
     """Fold every RMSNorm weight into the linears that read its output; the norms become 1."""
     _check(model)
     untie_embeddings(model)
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    inner = _decoder(model)
 
     def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
         g = norm.weight.data.double()
@@ -208,13 +212,25 @@ def add_online_hadamard(lin: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0, online: bool = True) -> None:
+def rotate_model(model: nn.Module, seed: int = 0, online: bool = True, residual: bool = True) -> None:
     """Fuse the norms and rotate the residual stream and the values in place; logits unchanged.
 
     online: also the online Hadamard before every down_proj (a run-time hook; checkpoints
-    record it in the layer's metadata and loaders install it again)."""
+    record it in the layer's metadata and loaders install it again).
+    residual=False: the residual stream, the norms, the embeddings and the head stay as they
+    are (a tied lm_head stays tied, so the checkpoint stores one vocabulary matrix, not two);
+    instead every linear of every block gets an online Hadamard on its input, and the values
+    are rotated per head as before. The weights GPTQ sees are as incoherent either way."""
+    if not residual:
+        _check(model)
+        for i, block in enumerate(_decoder(model).layers):
+            a, m = block.self_attn, block.mlp
+            _rotate_heads(a, seed + 1 + i)
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                add_online_hadamard(lin)
+        return
     fuse_norms(model)
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    inner = _decoder(model)
     emb = model.get_input_embeddings()
     Q = random_orthogonal(emb.weight.shape[1], seed)
     emb.weight.data = (emb.weight.data.double() @ Q.to(emb.weight.device)).to(emb.weight.dtype)

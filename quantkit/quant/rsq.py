@@ -26,6 +26,8 @@ class RSQConfig:
     """The recipe's `rsq:` section: rotation, then GPTQ on a token-importance-weighted Hessian."""
     rotate: bool = True             # QuaRot-style: fuse RMSNorms, random Hadamard on residual + heads
     online_hadamard: bool = True    # rotate: also a run-time Hadamard on down_proj's input (as the paper)
+    residual: bool = True           # rotate the residual stream (unties lm_head); false: no residual
+                                    # rotation, an online Hadamard on every block linear's input instead
     importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
     r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
     r_max: float = 1.0
@@ -37,7 +39,7 @@ def _prepare(model, recipe) -> None:
     """Rotate before calibration: every statistic is then of the rotated model."""
     c = recipe.section("rsq", RSQConfig)
     if c.rotate:
-        rotate_model(model, c.seed, c.online_hadamard)
+        rotate_model(model, c.seed, c.online_hadamard, c.residual)
 
 
 def _token_weights(recipe) -> TokenWeights:

@@ -57,10 +57,8 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> 
     try:
         for ids in batches:
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=emb, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                   reduction="sum")
-            loss.backward()
+            final = model.base_model(inputs_embeds=emb, use_cache=False)[0]
+            final.backward(_head_loss_grad(model, final, ids))
             count += ids[:, SINK:].numel()
     finally:
         for h in handles:
@@ -68,6 +66,25 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> 
         for p, w in zip(model.parameters(), was):
             p.requires_grad_(w)
     return {n: s / count for n, s in sums.items()}
+
+
+LOSS_CHUNK = 128   # positions whose logits exist at once: [B, 128, vocab], not [B, T, vocab]
+
+
+def _head_loss_grad(model: nn.Module, final: Tensor, ids: Tensor) -> Tensor:
+    """∂/∂final of the summed next-token cross-entropy of the logits head(final), `final` being
+    the base model's output (after its last norm). The head runs on LOSS_CHUNK positions at a
+    time: a window's logits in fp32 (and their softmax and gradient) would otherwise be the
+    largest tensors of a large-vocabulary model's pass."""
+    head = model.get_output_embeddings()
+    h = final.detach().requires_grad_(True)
+    T = ids.shape[1]
+    for a in range(0, T - 1, LOSS_CHUNK):
+        b = min(a + LOSS_CHUNK, T - 1)                 # positions a..b-1 predict ids a+1..b
+        logits = head(h[:, a:b]).float()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, a + 1:b + 1].reshape(-1),
+                        reduction="sum").backward()
+    return h.grad
 
 
 def _squares(g: Tensor) -> Tensor:
@@ -101,12 +118,12 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
             stream.release(block)
             trim_heap()                                  # its weights and scratch, back to the OS
         grads = []
-        for j, ids in enumerate(batches):                # the loss from the last block's outputs
-            h = inputs.hidden[j].requires_grad_(True)
-            logits = _tail(model, blocks, ids, h, raw, stream, device).logits.float()
-            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                            reduction="sum").backward()
-            grads.append(h.grad)
+        with stream.lazily(blocks, device):              # the last norm and the head, read once
+            for j, ids in enumerate(batches):            # the loss from the last block's outputs
+                h = inputs.hidden[j].requires_grad_(True)
+                final = _tail(model, blocks, ids, h, raw, device)
+                final.backward(_head_loss_grad(model, final, ids))
+                grads.append(h.grad)
         for i in reversed(range(len(blocks))):           # backward, block by block
             block = blocks[i]
             stream.materialize(block, f"{prefix}.{i}", device)
@@ -141,15 +158,14 @@ class _Replay(nn.Module):
         return self.hidden if isinstance(self.like, Tensor) else (self.hidden, *self.like[1:])
 
 
-def _tail(model, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, like, stream, device):
-    """The model's output when its blocks produce `hidden` (what follows them: norm, head; the
-    embeddings, whose output the stand-in ignores, are not read)."""
+def _tail(model, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, like, device) -> Tensor:
+    """The base model's output when its blocks produce `hidden` (what follows them: the last
+    norm; the embeddings, whose output the stand-in ignores, are not read)."""
     saved = dict(blocks._modules)
     blocks._modules = {"0": _Replay(hidden, like)}
     try:
-        with stream.lazily(blocks, device):
-            return model(inputs_embeds=torch.zeros(*ids.shape, hidden.shape[-1], device=device),
-                         use_cache=False)
+        return model.base_model(inputs_embeds=torch.zeros(*ids.shape, hidden.shape[-1], device=device),
+                                use_cache=False)[0]
     finally:
         blocks._modules = saved
 
@@ -268,7 +284,8 @@ def hessian_table(model: nn.Module, batches: list[Tensor], names: list[str], opt
 def fisher_table(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
                  compressor, device: torch.device, progress: bool) -> CostTable:
     """Output errors weighted by the output Fisher (from the first two batches, one window at a
-    time: a window's logits over a 50k vocabulary are already 100 MB)."""
+    time, the head on LOSS_CHUNK positions at a time: a 512-token window's fp32 logits over a
+    50k vocabulary are 100 MB, and their softmax and gradient as much again each)."""
     small = [b[i:i + 1] for b in batches[:2] for i in range(len(b))]
     price = fisher_price(output_fisher(model, small, names))
     return cost_table(model, batches, options, compressor, device, price, progress)
