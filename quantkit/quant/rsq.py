@@ -28,6 +28,7 @@ class RSQConfig:
     online_hadamard: bool = True    # rotate: also a run-time Hadamard on down_proj's input (as the paper)
     residual: bool = True           # rotate the residual stream (unties lm_head); false: no residual
                                     # rotation, an online Hadamard on every block linear's input instead
+                                    # (online_hadamard then has no effect)
     importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
     r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
     r_max: float = 1.0
