@@ -94,9 +94,9 @@ def layer_hessians(model: nn.Module, names: list[str], batches: list[Tensor],
 
 
 def compress_layer(mod: nn.Module, compressor, stats: list[LayerStats] | None,
-                   spec: QSpec) -> PackedLinear:
-    """Compress one conv/linear (group by group for grouped convs) and write the dequantized
-    weight back; returns the packed weight [out, in/groups·kh·kw]."""
+                   spec: QSpec, write: bool = True) -> PackedLinear:
+    """Compress one conv/linear (group by group for grouped convs) and, with `write`, write the
+    dequantized weight back; returns the packed weight [out, in/groups·kh·kw]."""
     W = weight_2d(mod).detach().float()
     g = groups(mod)
     if spec.group_size != -1:
@@ -112,8 +112,9 @@ def compress_layer(mod: nn.Module, compressor, stats: list[LayerStats] | None,
                                 "(rtn, gptq) can store a grouped conv")
         codes, scales, zeros, _ = (torch.cat(t) for t in zip(*(int_parts(p) for p in parts)))
         packed = make_int(codes, scales, None if spec.sym else zeros, spec.bits, -1)
-    with torch.no_grad():
-        mod.weight.copy_(packed.dequantize().reshape(mod.weight.shape).to(mod.weight))
+    if write:
+        with torch.no_grad():
+            mod.weight.copy_(packed.dequantize().reshape(mod.weight.shape).to(mod.weight))
     return packed
 
 

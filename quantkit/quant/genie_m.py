@@ -137,13 +137,8 @@ def gptq_starts(model: nn.Module, layers: dict[str, nn.Module], plan: ConvPlan,
     """GPTQ of each layer on the Hessian of the inputs it gets now (as quantize_convnet does);
     the layers keep their unquantized weights."""
     stats = layer_hessians(model, list(layers), batches, stop_after)
-    starts = {}
-    for n, m in layers.items():
-        keep = m.weight.detach().clone()
-        starts[n] = compress_layer(m, gptq_compress, stats[n], plan.weights[n])
-        with torch.no_grad():
-            m.weight.copy_(keep)
-    return starts
+    return {n: compress_layer(m, gptq_compress, stats[n], plan.weights[n], write=False)
+            for n, m in layers.items()}
 
 
 def reconstruct_unit(unit: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
