@@ -61,6 +61,10 @@ class Recipe:
     offload_activations: str | None = None   # keep calibration activations in files here (default: on disk beside out when over budget)
     out: str | None = None
     report: str | None = None       # directory for the allocation report (JSON + PNG plots)
+    # what changes when --alloc turns a uniform recipe mixed (fields and sections, e.g. method,
+    # bit_options, rsq:); a value given with the override itself wins. Applied once: the
+    # resulting recipe records the values that ran, and no `mixed:` of its own.
+    mixed: dict = field(default_factory=dict)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # the methods' own sections (rsq:, armor:, llm_int8: ...), each validated against the options
@@ -86,15 +90,35 @@ class Recipe:
     def with_overrides(self, **kw) -> "Recipe":
         """A copy with fields replaced; dotted keys ('calib.seqlen') reach nested sections."""
         d = self.to_dict()
-        for key, value in kw.items():
-            if value is None:
-                continue
-            *path, leaf = key.split(".")
-            node = d
-            for p in path:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+        given = {key: value for key, value in kw.items() if value is not None}
+        for key, value in given.items():
+            _put(d, key, value)
+        if self.alloc == "uniform" and d["alloc"] != "uniform" and d.get("mixed"):
+            for key, value in _flatten(d.pop("mixed")).items():
+                if not any(key == g or key.startswith(g + ".") for g in given):
+                    _put(d, key, value)
         return Recipe.from_dict(d)
+
+
+def _put(d: dict, key: str, value) -> None:
+    """d[key] = value, where a dotted key ('calib.seqlen') reaches a nested mapping."""
+    *path, leaf = key.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise QuantkitError(f"recipe: {key} reaches into {p}, which is a value, not a section")
+    d[leaf] = value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{'rsq': {'residual': False}} -> {'rsq.residual': False}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def build_config(cls, d: dict, where: str):
@@ -123,6 +147,12 @@ def _build(cls, d: dict, where: str):
         if not sub and name in hints and not _fits(value, hints[name]):
             raise QuantkitError(f"{where}.{name}: {value!r} is not a valid {_type_name(hints[name])}")
         kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    if cls is Recipe and kw.get("mixed"):
+        _check_mixed(kw["mixed"], set(known))
+        merged = {k: v for k, v in d.items() if k != "mixed"}
+        for key, value in _flatten(kw["mixed"]).items():
+            _put(merged, key, value)
+        _build(Recipe, merged, f"{where}.mixed")     # its values typed as the fields they replace
     for name, floor in _FLOORS.get(cls.__name__, {}).items():
         value = kw.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor \
@@ -130,6 +160,16 @@ def _build(cls, d: dict, where: str):
             raise QuantkitError(f"{where}.{name}: {value} must be at least {floor}"
                                 + (" (or -1: one group per row)" if name == "group_size" else ""))
     return cls(**kw, sections=sections) if cls is Recipe else cls(**kw)
+
+
+def _check_mixed(mixed: dict, known: set) -> None:
+    """A `mixed:` section names recipe fields or sections (a mapping each), nothing else."""
+    fixed = {"mixed", "alloc", "model", "out"}
+    bad = sorted(k for k, v in mixed.items()
+                 if k in fixed or (k not in known and not isinstance(v, dict)))
+    if bad:
+        raise QuantkitError(f"recipe.mixed: {', '.join(bad)} cannot be set there; it takes recipe "
+                            f"fields other than {', '.join(sorted(fixed))}, and the methods' sections")
 
 
 # the smallest value a numeric field may take (bits are checked against each method's widths)
