@@ -258,7 +258,9 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
         check_finite(model)
         model.eval()
         source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    if hooks.prepare:
+    if hooks.prepare and stream:                 # each block as it is read (_why_not_streamed)
+        streamed(model).prepare_block = hooks.prepare_block(recipe)
+    elif hooks.prepare:
         hooks.prepare(model, recipe)             # before calibration: every statistic sees it
     prefix, blocks = find_blocks(model)
     layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
@@ -327,9 +329,9 @@ def _streams(recipe: Recipe, hooks: registry.Hooks) -> bool:
 
 
 def _why_not_streamed(recipe: Recipe, hooks: registry.Hooks) -> str | None:
-    if hooks.prepare:
-        return (f"{recipe.method} transforms the whole model before calibration, which needs it in "
-                "memory; run without --stream")
+    if hooks.prepare and (hooks.prepare_block is None or hooks.prepare_block(recipe) is None):
+        return (f"{recipe.method} transforms the whole model before calibration, not block by block, "
+                "which needs it in memory; run without --stream")
     if _uses_table(recipe.alloc) and not getattr(registry.get("sensitivity", recipe.sensitivity),
                                                  "streams", False):
         able = [n for n in registry.names("sensitivity") if getattr(registry.get("sensitivity", n), "streams", False)]

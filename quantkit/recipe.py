@@ -1,6 +1,7 @@
 """Recipes: dataclasses with YAML in/out; overrides are checked against the fields."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -61,9 +62,9 @@ class Recipe:
     offload_activations: str | None = None   # keep calibration activations in files here (default: on disk beside out when over budget)
     out: str | None = None
     report: str | None = None       # directory for the allocation report (JSON + PNG plots)
-    # what changes when --alloc turns a uniform recipe mixed (fields and sections, e.g. method,
-    # bit_options, rsq:); a value given with the override itself wins. Applied once: the
-    # resulting recipe records the values that ran, and no `mixed:` of its own.
+    # what changes when the recipe is mixed (alloc not uniform: --alloc ip|baq|pareto): fields and
+    # sections, e.g. method, bit_options, rsq:; a value given with the --alloc override wins.
+    # Applied once: the resulting recipe records the values that ran, and an empty `mixed:`.
     mixed: dict = field(default_factory=dict)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -84,20 +85,26 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
+    def from_dict(cls, d: dict, keep=()) -> "Recipe":
+        """A mixed recipe (alloc not uniform) takes its `mixed:` values, except under the keys
+        in `keep` (dotted, as with_overrides takes them: what was given with the switch wins)."""
+        mixed = d.get("mixed") if isinstance(d, dict) and d.get("alloc", "uniform") != "uniform" else None
+        if mixed and isinstance(mixed, dict):
+            _check_mixed(mixed, {f.name for f in fields(cls)})
+            d = copy.deepcopy({k: v for k, v in d.items() if k != "mixed"})
+            for key, value in _flatten(mixed).items():
+                if not any(key == g or key.startswith(g + ".") for g in keep):
+                    _put(d, key, value)
         return _build(cls, d, "recipe")
 
     def with_overrides(self, **kw) -> "Recipe":
-        """A copy with fields replaced; dotted keys ('calib.seqlen') reach nested sections."""
+        """A copy with fields replaced; dotted keys ('calib.seqlen') reach nested sections. One
+        that makes the recipe mixed brings in its `mixed:` values where kw gives none."""
         d = self.to_dict()
         given = {key: value for key, value in kw.items() if value is not None}
         for key, value in given.items():
             _put(d, key, value)
-        if self.alloc == "uniform" and d["alloc"] != "uniform" and d.get("mixed"):
-            for key, value in _flatten(d.pop("mixed")).items():
-                if not any(key == g or key.startswith(g + ".") for g in given):
-                    _put(d, key, value)
-        return Recipe.from_dict(d)
+        return Recipe.from_dict(d, keep=given)
 
 
 def _put(d: dict, key: str, value) -> None:

@@ -10,7 +10,7 @@ import quantkit
 from cli import main
 from quantkit.errors import QuantkitError
 from quantkit.model.discovery import find_blocks
-from quantkit.recipe import Recipe
+from quantkit.recipe import Recipe, load_recipe
 from tests.conftest import VOCAB, tiny_model
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
@@ -134,6 +134,38 @@ def test_recipe_overrides_are_checked():
     assert Recipe.from_dict(__import__("yaml").safe_load(r.to_yaml())) == r
     with pytest.raises(QuantkitError, match="unknown field"):
         Recipe().with_overrides(bitz=3)
+
+
+MIXED = {"method": "rsq", "rsq": {"residual": False}, "sym": True, "bit_options": ["3:-1", "4:128"]}
+
+
+def test_mixed_section_applies_when_alloc_turns_mixed():
+    base = Recipe.from_dict({"method": "gptq", "sym": False, "bit_options": [2, 4], "mixed": MIXED})
+    assert base.with_overrides(bits=3) == Recipe.from_dict({**base.to_dict(), "bits": 3})  # uniform: untouched
+    m = base.with_overrides(alloc="ip", bits=4)
+    assert (m.method, m.sym, m.bit_options, m.sections["rsq"]) == \
+        ("rsq", True, ["3:-1", "4:128"], {"residual": False})
+    assert m.mixed == {} and "mixed: {}" in m.to_yaml()                # what ran, applied once
+    assert m.with_overrides(alloc="baq", sym=False).sym is False        # a mixed recipe: no re-apply
+    given = base.with_overrides(alloc="pareto", method="gptq", **{"rsq.residual": True})
+    assert (given.method, given.sym, given.sections["rsq"]) == ("gptq", True, {"residual": True})
+    assert base.with_overrides(alloc="ip", rsq={"seed": 3}).sections["rsq"] == {"seed": 3}
+    assert load_recipe("llama").with_overrides(alloc="ip").method == "rsq"     # the default job's
+    written = Recipe.from_dict({"alloc": "ip", "method": "gptq", "mixed": MIXED})   # a YAML written mixed
+    assert (written.method, written.mixed) == ("rsq", {})
+
+
+@pytest.mark.parametrize("mixed, message", [
+    ({"model": "x"}, r"recipe.mixed: model cannot be set there"),
+    ({"alloc": "baq"}, r"recipe.mixed: alloc cannot be set there"),
+    ({"bitz": 3}, r"recipe.mixed: bitz cannot be set there"),
+    ({"bits": "x"}, r"recipe.mixed.bits: 'x' is not a valid float"),
+    ({"calib": {"seqlen": 0}}, r"recipe.mixed.calib.seqlen: 0 must be at least 1"),
+    ({"sym": {"a": 1}}, r"recipe.mixed.sym: \{'a': 1\} is not a valid bool"),
+])
+def test_bad_mixed_section_fails_when_read(mixed, message):
+    with pytest.raises(QuantkitError, match=message):
+        Recipe.from_dict({"mixed": mixed})
 
 
 def test_missing_asset_package_names_the_install_command(monkeypatch, tmp_path):

@@ -42,13 +42,16 @@ def src(tmp_path_factory):
 
 
 def run(src, name, out, **kw):
-    return quantkit.quantize(str(src / name), out=str(out), method="gptq", progress=False,
-                             **{**KW, "calib.dataset": str(src / "text.txt"), **kw})
+    return quantkit.quantize(str(src / name), out=str(out), progress=False,
+                             **{**KW, "method": "gptq", "calib.dataset": str(src / "text.txt"), **kw})
 
 
 @pytest.mark.parametrize("name, extra", [("llama", {}), ("gpt2", {}),
                                          ("llama", {"alloc": "ip", "bits": 3.5, "sensitivity": "fisher"}),
-                                         ("llama", {"fp_target": False, "true_sequential": False})])
+                                         ("llama", {"fp_target": False, "true_sequential": False}),
+                                         ("llama", {"method": "rsq", "rsq.residual": False, "alloc": "ip",
+                                                    "bits": 3.5, "sensitivity": "fisher"})],
+                         ids=["llama", "gpt2", "llama-ip-fisher", "llama-plain", "llama-rsq-blockwise-ip"])
 def test_streamed_output_equals_the_in_memory_one(src, tmp_path, name, extra):
     mem = run(src, name, tmp_path / "mem", stream=False, **extra)
     got = run(src, name, tmp_path / "str", stream=True, **extra)
@@ -104,7 +107,7 @@ def test_auto_streams_when_the_model_would_not_fit(src, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"method": "rsq"}, "rsq transforms the whole model"),
+    ({"method": "rsq"}, "rsq transforms the whole model before calibration, not block by block"),
     ({"alloc": "ip", "bits": 3.5, "sensitivity": "kl"}, "--sensitivity kl runs the whole model"),
     ({"out": None}, "give it --out"),
     ({"max_memory": "lots"}, "give a size such as 8GB"),

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.io import weight_files
+from quantkit.model.discovery import find_blocks
 
 ATTR = "quantkit_stream"
 
@@ -128,6 +129,9 @@ class Streamed:
         for name, p in model.named_parameters(remove_duplicate=False):
             self.aliases.setdefault(id(p), []).append(name)
         self.bytes_read = 0
+        # the method's preparation of one block (model, block, index), done to each block as it is
+        # read: its weights arrive from the file as they were (registry's prepare_block)
+        self.prepare_block = None
 
     def _read(self, names: list[str]) -> Tensor:
         import safetensors
@@ -189,9 +193,17 @@ class Streamed:
             self._put(self.aliases.pop(id(p)), None)
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
-        """Read every meta parameter of `module` (named `prefix` in the model) onto `device`."""
-        for name, _ in list(module.named_parameters(prefix=prefix)):
+        """Read every meta parameter of `module` (named `prefix` in the model) onto `device`;
+        a block read from the file is then prepared (prepare_block)."""
+        brought = False
+        for name, p in list(module.named_parameters(prefix=prefix)):
+            brought |= p.is_meta
             self._bring(name, device)
+        if brought and self.prepare_block is not None:
+            _, blocks = find_blocks(self.model)
+            index = next((i for i, b in enumerate(blocks) if b is module), None)
+            if index is not None:
+                self.prepare_block(self.model, module, index)
 
     def release(self, module: nn.Module, recurse: bool = True) -> None:
         """Back to the meta device: the module's memory is freed."""

@@ -98,7 +98,7 @@ def random_orthogonal(n: int, seed: int) -> Tensor:
     return H * signs[None, :] / math.sqrt(n)
 
 
-def _check(model: nn.Module) -> None:
+def check_rotatable(model: nn.Module) -> None:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in SUPPORTED:
         raise QuantkitError(f"RSQ rotation supports RMSNorm pre-norm decoders ({', '.join(SUPPORTED)}); "
@@ -141,7 +141,7 @@ def _rotate_outputs(lin: nn.Linear, M: Tensor) -> None:
 @torch.no_grad()
 def fuse_norms(model: nn.Module) -> None:
     """Fold every RMSNorm weight into the linears that read its output; the norms become 1."""
-    _check(model)
+    check_rotatable(model)
     untie_embeddings(model)
     inner = _decoder(model)
 
@@ -200,15 +200,28 @@ class OnlineHadamard:
 
 @torch.no_grad()
 def add_online_hadamard(lin: nn.Linear) -> None:
-    """W ← W M and x ↦ x M at run time (M orthogonal): same outputs, outliers spread."""
+    """W ← W M and x ↦ x M at run time (M orthogonal): same outputs, outliers spread. A linear
+    that has the run-time transform already (a streamed block read from disk again, its weight
+    fresh from the file) gets its weight rotated, not a second transform."""
     ab = hadamard_factors(lin.weight.shape[1])
     if ab is None:
         warnings.warn(f"no Hadamard of order {lin.weight.shape[1]}: no online Hadamard there", stacklevel=2)
         return
     fn = OnlineHadamard(*ab)
     _rotate_inputs(lin, fn.matrix())
-    lin.input_hadamard = list(ab)        # the pipeline copies it into the layer's packed metadata
-    lin.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
+    if getattr(lin, "input_hadamard", None) is None:
+        lin.input_hadamard = list(ab)    # the pipeline copies it into the layer's packed metadata
+        lin.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
+
+
+@torch.no_grad()
+def rotate_block(block: nn.Module, seed: int, index: int) -> None:
+    """rotate_model(residual=False) for one block (the `index`-th): its values rotated per
+    head, an online Hadamard on the input of each of its linears. Nothing outside it changes."""
+    a, m = block.self_attn, block.mlp
+    _rotate_heads(a, seed + 1 + index)
+    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        add_online_hadamard(lin)
 
 
 @torch.no_grad()
@@ -222,12 +235,9 @@ def rotate_model(model: nn.Module, seed: int = 0, online: bool = True, residual:
     instead every linear of every block gets an online Hadamard on its input, and the values
     are rotated per head as before. The weights GPTQ sees are as incoherent either way."""
     if not residual:
-        _check(model)
+        check_rotatable(model)
         for i, block in enumerate(_decoder(model).layers):
-            a, m = block.self_attn, block.mlp
-            _rotate_heads(a, seed + 1 + i)
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                add_online_hadamard(lin)
+            rotate_block(block, seed, i)
         return
     fuse_norms(model)
     inner = _decoder(model)

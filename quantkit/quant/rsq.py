@@ -16,7 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.packed import PackedLinear
 from quantkit.quant.base import LayerStats, QSpec
 from quantkit.quant.gptq import gptq
-from quantkit.quant.rotation import rotate_model
+from quantkit.quant.rotation import check_rotatable, rotate_block, rotate_model
 from quantkit.registry import register
 from quantkit.stats.importance import TokenWeights, token_weighting
 
@@ -28,7 +28,7 @@ class RSQConfig:
     online_hadamard: bool = True    # rotate: also a run-time Hadamard on down_proj's input (as the paper)
     residual: bool = True           # rotate the residual stream (unties lm_head); false: no residual
                                     # rotation, an online Hadamard on every block linear's input instead
-                                    # (online_hadamard then has no effect)
+                                    # (online_hadamard then has no effect; the run can stream)
     importance: str = "attention"   # attention | uniform | first_n: how tokens are weighted
     r_min: float = 0.005            # attention: importance rescaled per sequence to [r_min, r_max]
     r_max: float = 1.0
@@ -43,13 +43,27 @@ def _prepare(model, recipe) -> None:
         rotate_model(model, c.seed, c.online_hadamard, c.residual)
 
 
+def _prepare_block(recipe):
+    """Without the residual rotation each block is rotated on its own: a streamed run does it
+    to each block as it reads it (the same weights as _prepare's, block for block)."""
+    c = recipe.section("rsq", RSQConfig)
+    if c.rotate and c.residual:
+        return None
+
+    def prepare(model, block, index: int) -> None:
+        if c.rotate:
+            check_rotatable(model)
+            rotate_block(block, c.seed, index)
+    return prepare
+
+
 def _token_weights(recipe) -> TokenWeights:
     c = recipe.section("rsq", RSQConfig)
     return token_weighting(c.importance, c.r_min, c.r_max, c.first_n)
 
 
 @register("compressor", "rsq", section="rsq", config=RSQConfig, prepare=_prepare,
-          token_weights=_token_weights, check=_token_weights)   # check: a bad importance fails early
+          prepare_block=_prepare_block, token_weights=_token_weights, check=_token_weights)   # check: a bad importance fails early
 def rsq(W: Tensor, stats: LayerStats | None, spec: QSpec) -> PackedLinear:
     """RSQ compressor: GPTQ's rounding with error feedback on the token-weighted Hessian."""
     if stats is None:
