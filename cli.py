@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
-    q.add_argument("--bit-options", type=_options, help="widths a layer may get (default 2,3,4,8); BITS:GROUP gives an option "
+    q.add_argument("--bit-options", type=_options, help="widths a layer may get (default: the recipe's; 2,3,4,8 without one); BITS:GROUP gives an option "
                         "its own group size, e.g. 3:64,4:128,8")
     q.add_argument("--tie-fused", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: one width for layers serving engines fuse (q/k/v, gate/up)")

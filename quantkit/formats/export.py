@@ -221,8 +221,9 @@ def export(src: str | Path, out: str | Path, fmt: str, overwrite: bool = False) 
     online = [n for n, p in packed.items() if "input_hadamard" in p.meta]
     if online:
         raise QuantkitError(f"{online[0]} (and {len(online) - 1} more) multiply their input by an online "
-                            f"Hadamard at run time (RSQ), which {fmt} loaders do not do; re-quantize with "
-                            "`rsq.online_hadamard: false` in the recipe to export")
+                            f"Hadamard at run time (RSQ), which {fmt} loaders do not do; to export, "
+                            "re-quantize with --method gptq, or RSQ with `rsq: {residual: true, "
+                            "online_hadamard: false}` in the recipe")
     quant_tensors, qconfig, extra = WRITERS[fmt](packed, src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig
