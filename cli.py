@@ -220,7 +220,7 @@ def _print_image_eval(res: dict) -> None:
 
 
 def _run_name(r) -> str:
-    """Default output name: w4-g128-gptq, w4-rsq-ip (mixed: the groups are the options'),
+    """Default output name: w4-g128-gptq, w4-g128-gptq-ip, w4-rsq-ip (options with their own groups),
     2:4-armor, 2:4-armor-w4-g128; images w4a8-rtn-zeroq."""
     from quantkit.image_run import is_image_source
     if r.act_bits is not None or is_image_source(r.model):
@@ -229,7 +229,9 @@ def _run_name(r) -> str:
     quant = f"w{r.bits}-g{r.group_size}"
     if r.prune is not None:
         return f"{r.pattern.replace(':', '')}-{r.prune}" + ("" if r.bits == 16 else f"-{quant}")
-    return f"{quant}-{r.method}" if r.alloc == "uniform" else f"w{r.bits}-{r.method}-{r.alloc}"
+    if r.alloc != "uniform" and all(":" in str(o) for o in r.bit_options):
+        quant = f"w{r.bits}"                     # every option has its own group size
+    return f"{quant}-{r.method}" + ("" if r.alloc == "uniform" else f"-{r.alloc}")
 
 
 def cmd_eval(a) -> dict:

@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("--table-cache", default=None, help="directory to keep/reuse cost tables (.pt)")
     a = ap.parse_args()
     sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    base = load_recipe("llama").with_overrides(**{"group_size": 128, "method": "gptq", "out": None, **sets})
+    # mixed: {}: the allocators compared on the recipe's own GPTQ grid, not on its mixed: section
+    base = load_recipe("llama").with_overrides(**{"group_size": 128, "method": "gptq", "out": None,
+                                                  "mixed": {}, **sets})
     base = single_text(base)
     path = Path(a.out)
     results = load_rows(path)

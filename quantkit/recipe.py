@@ -87,24 +87,35 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict, keep=()) -> "Recipe":
         """A mixed recipe (alloc not uniform) takes its `mixed:` values, except under the keys
-        in `keep` (dotted, as with_overrides takes them: what was given with the switch wins)."""
+        in `keep` (dotted, as with_overrides takes them: values given explicitly win)."""
         mixed = d.get("mixed") if isinstance(d, dict) and d.get("alloc", "uniform") != "uniform" else None
         if mixed and isinstance(mixed, dict):
             _check_mixed(mixed, {f.name for f in fields(cls)})
             d = copy.deepcopy({k: v for k, v in d.items() if k != "mixed"})
             for key, value in _flatten(mixed).items():
-                if not any(key == g or key.startswith(g + ".") for g in keep):
+                if not _claimed(key, keep):
                     _put(d, key, value)
         return _build(cls, d, "recipe")
 
     def with_overrides(self, **kw) -> "Recipe":
         """A copy with fields replaced; dotted keys ('calib.seqlen') reach nested sections. One
-        that makes the recipe mixed brings in its `mixed:` values where kw gives none."""
+        that makes the recipe mixed brings in its `mixed:` values, except where this call or
+        an earlier with_overrides gave one."""
         d = self.to_dict()
         given = {key: value for key, value in kw.items() if value is not None}
         for key, value in given.items():
             _put(d, key, value)
-        return Recipe.from_dict(d, keep=given)
+        keep = getattr(self, "_given", frozenset()) | set(given)
+        out = Recipe.from_dict(d, keep=keep)
+        out._given = keep                        # not a field: not saved, not compared
+        return out
+
+
+def _claimed(key: str, keep) -> bool:
+    """Whether a mixed: value at `key` yields to one given explicitly: the key itself or a
+    section above it; a group size given also claims bit_options (its options use it)."""
+    return any(key == g or key.startswith(g + ".") for g in keep) or \
+        (key == "bit_options" and "group_size" in keep)
 
 
 def _put(d: dict, key: str, value) -> None:

@@ -6,8 +6,9 @@ that section is validated against; `recipe.section(section, config)` reads it), 
 -> dict` (keyword options bound to the call, e.g. from its section), `check(recipe)` (raises
 QuantkitError before anything is loaded), `prepare(model, recipe)` (changes the model before
 calibration: RSQ's rotation), `prepare_block(recipe)` (when that change touches each block
-alone: a function (model, block, index) doing it to one block, which a streamed run applies to
-each block as it is read; None otherwise) and `token_weights(recipe)` (per-block calibration token weights
+alone: a function (model, block, index, first) doing it to one block, which a streamed run
+applies to the block's weights each time it reads them, first=True the first time; None
+otherwise) and `token_weights(recipe)` (per-block calibration token weights
 for the Hessians, or None).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Hooks:
     options: Callable[[Any], dict] | None = None
     check: Callable[[Any], None] | None = None
     prepare: Callable[[Any, Any], None] | None = None
-    prepare_block: Callable[[Any], Callable[[Any, Any, int], None] | None] | None = None
+    prepare_block: Callable[[Any], Callable[[Any, Any, int, bool], None] | None] | None = None
     token_weights: Callable[[Any], Any] | None = None
 
 

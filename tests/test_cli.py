@@ -146,13 +146,25 @@ def test_mixed_section_applies_when_alloc_turns_mixed():
     assert (m.method, m.sym, m.bit_options, m.sections["rsq"]) == \
         ("rsq", True, ["3:-1", "4:128"], {"residual": False})
     assert m.mixed == {} and "mixed: {}" in m.to_yaml()                # what ran, applied once
-    assert m.with_overrides(alloc="baq", sym=False).sym is False        # a mixed recipe: no re-apply
+    assert m.with_overrides(sym=False).with_overrides(alloc="baq").sym is False   # applied once
+    earlier = base.with_overrides(method="gptq").with_overrides(alloc="ip")         # given before the switch
+    assert (earlier.method, earlier.sym) == ("gptq", True)
+    grouped = base.with_overrides(group_size=64, alloc="ip")             # a group size claims the options
+    assert (grouped.bit_options, grouped.group_size) == ([2, 4], 64)
     given = base.with_overrides(alloc="pareto", method="gptq", **{"rsq.residual": True})
     assert (given.method, given.sym, given.sections["rsq"]) == ("gptq", True, {"residual": True})
     assert base.with_overrides(alloc="ip", rsq={"seed": 3}).sections["rsq"] == {"seed": 3}
     assert load_recipe("llama").with_overrides(alloc="ip").method == "rsq"     # the default job's
     written = Recipe.from_dict({"alloc": "ip", "method": "gptq", "mixed": MIXED})   # a YAML written mixed
     assert (written.method, written.mixed) == ("rsq", {})
+
+
+def test_default_output_names():
+    from cli import _run_name
+    llama = load_recipe("llama")
+    assert _run_name(llama.with_overrides(bits=4)) == "w4-g128-gptq"
+    assert _run_name(llama.with_overrides(bits=4, alloc="ip")) == "w4-rsq-ip"       # options' own groups
+    assert _run_name(llama.with_overrides(bits=4, alloc="ip", group_size=64)) == "w4-g64-rsq-ip"
 
 
 @pytest.mark.parametrize("mixed, message", [

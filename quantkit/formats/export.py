@@ -222,8 +222,8 @@ def export(src: str | Path, out: str | Path, fmt: str, overwrite: bool = False) 
     if online:
         raise QuantkitError(f"{online[0]} (and {len(online) - 1} more) multiply their input by an online "
                             f"Hadamard at run time (RSQ), which {fmt} loaders do not do; to export, "
-                            "re-quantize with --method gptq, or RSQ with `rsq: {residual: true, "
-                            "online_hadamard: false}` in the recipe")
+                            "quantize without them: a uniform GPTQ run (`quantkit quantize llama --bits 4`), "
+                            "or under --alloc `--method gptq --bit-options 4,8 --tie-fused`")
     quant_tensors, qconfig, extra = WRITERS[fmt](packed, src)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig

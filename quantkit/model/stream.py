@@ -129,9 +129,10 @@ class Streamed:
         for name, p in model.named_parameters(remove_duplicate=False):
             self.aliases.setdefault(id(p), []).append(name)
         self.bytes_read = 0
-        # the method's preparation of one block (model, block, index), done to each block as it is
-        # read: its weights arrive from the file as they were (registry's prepare_block)
+        # the method's preparation of one block (model, block, index, first read), done to each
+        # block as it is read: its weights arrive from the file as they were (registry's prepare_block)
         self.prepare_block = None
+        self._prepared: set[int] = set()
 
     def _read(self, names: list[str]) -> Tensor:
         import safetensors
@@ -203,7 +204,11 @@ class Streamed:
             _, blocks = find_blocks(self.model)
             index = next((i for i, b in enumerate(blocks) if b is module), None)
             if index is not None:
-                self.prepare_block(self.model, module, index)
+                self.prepare_block(self.model, module, index, index not in self._prepared)
+                self._prepared.add(index)
+            elif any(module is m for b in blocks for m in b.modules()):
+                raise QuantkitError(f"{prefix}: a part of a block read alone, which the method's "
+                                    "per-block preparation cannot transform; read the whole block")
 
     def release(self, module: nn.Module, recurse: bool = True) -> None:
         """Back to the meta device: the module's memory is freed."""

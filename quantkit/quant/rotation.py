@@ -199,29 +199,30 @@ class OnlineHadamard:
 
 
 @torch.no_grad()
-def add_online_hadamard(lin: nn.Linear) -> None:
-    """W ← W M and x ↦ x M at run time (M orthogonal): same outputs, outliers spread. A linear
-    that has the run-time transform already (a streamed block read from disk again, its weight
-    fresh from the file) gets its weight rotated, not a second transform."""
+def add_online_hadamard(lin: nn.Linear, hook: bool = True) -> None:
+    """W ← W M and x ↦ x M at run time (M orthogonal): same outputs, outliers spread.
+    hook=False: the weight only (a streamed block read again from the file, which has the
+    run-time transform from its first read)."""
     ab = hadamard_factors(lin.weight.shape[1])
     if ab is None:
         warnings.warn(f"no Hadamard of order {lin.weight.shape[1]}: no online Hadamard there", stacklevel=2)
         return
     fn = OnlineHadamard(*ab)
     _rotate_inputs(lin, fn.matrix())
-    if getattr(lin, "input_hadamard", None) is None:
+    if hook:
         lin.input_hadamard = list(ab)    # the pipeline copies it into the layer's packed metadata
         lin.register_forward_pre_hook(lambda _m, args: (fn(args[0]), *args[1:]))
 
 
 @torch.no_grad()
-def rotate_block(block: nn.Module, seed: int, index: int) -> None:
+def rotate_block(block: nn.Module, seed: int, index: int, hooks: bool = True) -> None:
     """rotate_model(residual=False) for one block (the `index`-th): its values rotated per
-    head, an online Hadamard on the input of each of its linears. Nothing outside it changes."""
+    head, an online Hadamard on the input of each of its linears (hooks=False: on the weights
+    only, see add_online_hadamard). Nothing outside it changes."""
     a, m = block.self_attn, block.mlp
     _rotate_heads(a, seed + 1 + index)
     for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-        add_online_hadamard(lin)
+        add_online_hadamard(lin, hooks)
 
 
 @torch.no_grad()

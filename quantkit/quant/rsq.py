@@ -50,10 +50,10 @@ def _prepare_block(recipe):
     if c.rotate and c.residual:
         return None
 
-    def prepare(model, block, index: int) -> None:
+    def prepare(model, block, index: int, first: bool) -> None:
         if c.rotate:
             check_rotatable(model)
-            rotate_block(block, c.seed, index)
+            rotate_block(block, c.seed, index, hooks=first)
     return prepare
 
 
