@@ -91,10 +91,7 @@ class Recipe:
         mixed = d.get("mixed") if isinstance(d, dict) and d.get("alloc", "uniform") != "uniform" else None
         if mixed and isinstance(mixed, dict):
             _check_mixed(mixed, {f.name for f in fields(cls)})
-            d = copy.deepcopy({k: v for k, v in d.items() if k != "mixed"})
-            for key, value in _flatten(mixed).items():
-                if not _claimed(key, keep):
-                    _put(d, key, value)
+            d = _apply_mixed(d, mixed, keep)
         return _build(cls, d, "recipe")
 
     def with_overrides(self, **kw) -> "Recipe":
@@ -109,6 +106,16 @@ class Recipe:
         out = Recipe.from_dict(d, keep=keep)
         out._given = keep                        # not a field: not saved, not compared
         return out
+
+
+def _apply_mixed(d: dict, mixed: dict, keep=()) -> dict:
+    """A copy of the recipe dict `d` without its `mixed:`, whose values replace d's where no
+    key of `keep` claims them (_claimed)."""
+    out = copy.deepcopy({k: v for k, v in d.items() if k != "mixed"})
+    for key, value in _flatten(mixed).items():
+        if not _claimed(key, keep):
+            _put(out, key, value)
+    return out
 
 
 def _claimed(key: str, keep) -> bool:
@@ -167,10 +174,7 @@ def _build(cls, d: dict, where: str):
         kw[name] = _build(sub, value, f"{where}.{name}") if sub else value
     if cls is Recipe and kw.get("mixed"):
         _check_mixed(kw["mixed"], set(known))
-        merged = {k: v for k, v in d.items() if k != "mixed"}
-        for key, value in _flatten(kw["mixed"]).items():
-            _put(merged, key, value)
-        _build(Recipe, merged, f"{where}.mixed")     # its values typed as the fields they replace
+        _build(Recipe, _apply_mixed(d, kw["mixed"]), f"{where}.mixed")   # typed as the fields they replace
     for name, floor in _FLOORS.get(cls.__name__, {}).items():
         value = kw.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < floor \
