@@ -118,7 +118,8 @@ def main() -> None:
                 rep = quantize_image_model(model, x, bits=w, act_bits=act, method=meth,
                                            n_calib=len(x), seed=a.seed, method_options=opts,
                                            bn_reestimate="bnre" in post,
-                                           bias_correction="bc" in post, progress=False)
+                                           bias_correction="bc" in post,
+                                           progress=meth == "genie-m")   # its kept iterations
                 res = measure(model, fp_logits, x_eval, labels, pre)
                 res.update(quantize_seconds=rep.seconds, bits_per_weight=rep.bits_per_weight,
                            total_seconds=rep.seconds + distill_s.get(c, 0.0),

@@ -1,6 +1,7 @@
 """Image classifiers: discovery, BN folding, conv GPTQ, activation quantization, distillation
 (ZeroQ, Genie-D, swing conv) and Genie-M, on tiny HF models built here."""
 import copy
+import math
 
 import pytest
 import torch
@@ -256,7 +257,7 @@ def test_genie_m_codes_are_integers_within_one_step_of_rtn():
     sw = SoftWeight(W, 4, 2.4)
     with torch.no_grad():
         sw.V.normal_(0, 3)                       # any soft state: hard codes stay legal
-        sw.scale.mul_(1.1)
+        sw.log_step.add_(math.log(1.1))
     p = sw.packed()
     codes = sw.codes(True)
     assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 15
