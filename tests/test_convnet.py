@@ -1,6 +1,7 @@
 """Image classifiers: discovery, BN folding, conv GPTQ, activation quantization, distillation
 (ZeroQ, Genie-D, swing conv) and Genie-M, on tiny HF models built here."""
 import copy
+from dataclasses import replace
 import math
 
 import pytest
@@ -18,7 +19,8 @@ from quantkit.image import quantize_image_model
 from quantkit.model.convnet import batchnorms, fold_batchnorm, trace, unfold_input, unit_layers, units
 from quantkit.quant.act import ActQuantizer, attach_input_quantizers, fake_quant, mse_scale, qrange
 from quantkit.quant.convnet import compress_layer, default_plan, layer_hessians, quantize_convnet
-from quantkit.quant.genie_m import GenieMConfig, SoftWeight, capture, genie_m, init_scale
+from quantkit.quant.genie_m import (GenieMConfig, SoftWeight, _split, capture, genie_m, init_scale,
+                                   reconstruct_unit)
 from quantkit.stats.hessian import proxy_loss
 from quantkit.types import QSpec
 
@@ -323,6 +325,80 @@ def test_genie_m_gptq_start_gives_gptq_codes_in_the_first_unit():
     assert err["trained"] < 0.9 * err["start"]                  # reconstruction improves on GPTQ
     with pytest.raises(QuantkitError, match=r"start 'adaround': use nearest \| gptq"):
         genie_m(copy.deepcopy(m), plan, [x], GenieMConfig(iterations=0, start="adaround"), progress=False)
+
+
+def test_genie_m_weight_step_moves_by_the_same_ratio_at_every_bit_width():
+    torch.manual_seed(2)
+    W = torch.randn(4, 12)
+    moved = {}
+    for bits in (4, 8):
+        sw = SoftWeight(W, bits, 2.4)
+        s0, _ = init_scale(W, bits, 2.4)
+        torch.testing.assert_close(sw.scale.detach(), s0[:, None], rtol=0, atol=0)   # s₀ at init
+        opt = torch.optim.Adam([sw.log_step], lr=0.01)
+        for _ in range(5):                       # push every step up: Adam moves u by lr a step
+            opt.zero_grad()
+            (-sw().pow(2).sum()).backward()
+            opt.step()
+        moved[bits] = (sw.scale / s0[:, None]).detach()
+    for bits, ratio in moved.items():
+        torch.testing.assert_close(ratio, torch.full_like(ratio, math.exp(0.05)), rtol=1e-3, atol=0)
+
+
+def test_genie_m_split_keeps_the_share_out_and_nothing_when_untrained():
+    g = torch.Generator().manual_seed(0)
+    train, held = _split(32, 0.25, 100, g)
+    assert len(held) == 8 and sorted(torch.cat([train, held]).tolist()) == list(range(32))
+    assert _split(32, 0.25, 0, g)[1].numel() == 0 and len(_split(32, 0.25, 0, g)[0]) == 32
+    assert [len(t) for t in _split(3, 0.9, 10, g)] == [2, 1]     # at least two left to train on
+    assert [len(t) for t in _split(1, 0.5, 10, g)] == [1, 0]
+
+
+def _unit_problem(seed=0, n=24):
+    torch.manual_seed(seed)
+    unit = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x_fp = smooth(n, 4, 8, seed=seed)
+    with torch.no_grad():
+        y = unit(x_fp)
+    x_q = x_fp + 0.05 * torch.randn_like(x_fp)
+    layers = {"0": unit[0], "2": unit[2]}
+    return unit, layers, x_q, x_fp, y
+
+
+def _held_error(unit, x, y):
+    with torch.no_grad():
+        return float((unit(x) - y).pow(2).sum(1).mean())
+
+
+def test_genie_m_keeps_the_state_best_on_held_out_images_and_never_trains_on_them():
+    cfg = GenieMConfig(iterations=60, lr_round=0.05, holdout=0.25, check_every=10, start="nearest")
+    unit, layers, x_q, x_fp, y = _unit_problem()
+    _, held = _split(len(x_q), cfg.holdout, cfg.iterations, torch.Generator().manual_seed(5))
+    packed, kept = reconstruct_unit(unit, layers, {"0": 3, "2": 3}, [], x_q, x_fp, y, cfg,
+                                    torch.Generator().manual_seed(5))
+    trained = _held_error(unit, x_q[held], y[held])
+    unit0, layers0, *_ = _unit_problem()
+    _, kept0 = reconstruct_unit(unit0, layers0, {"0": 3, "2": 3}, [], x_q, x_fp, y,
+                                replace(cfg, iterations=0), torch.Generator().manual_seed(5))
+    start = _held_error(unit0, x_q[held], y[held])
+    assert kept0 == 0 and kept % 10 == 0 and 0 < kept <= 60 and trained < start
+    # a run that only gets worse (huge steps) keeps its start: the same codes as no training at all
+    unit1, layers1, *_ = _unit_problem()
+    bad, kept1 = reconstruct_unit(unit1, layers1, {"0": 3, "2": 3}, [], x_q, x_fp, y,
+                                  replace(cfg, lr_round=50.0, lr_log_step=5.0),
+                                  torch.Generator().manual_seed(5))
+    start_packed = {n: SoftWeight(m.weight.detach(), 3, cfg.scale_p).packed()
+                    for n, m in _unit_problem()[1].items()}
+    assert kept1 == 0
+    for n in bad:
+        assert all(torch.equal(a, b) for a, b in zip(int_parts(bad[n])[:3], int_parts(start_packed[n])[:3]))
+    # the held-out targets never reach a gradient: NaN there leaves the trained weights finite
+    unit2, layers2, *_ = _unit_problem()
+    y_nan = y.clone()
+    y_nan[held] = float("nan")
+    out, _ = reconstruct_unit(unit2, layers2, {"0": 3, "2": 3}, [], x_q, x_fp, y_nan, cfg,
+                              torch.Generator().manual_seed(5))
+    assert all(torch.isfinite(p.dequantize()).all() for p in out.values())
 
 
 def test_init_scale_is_the_grid_optimum():
