@@ -20,7 +20,7 @@ from quantkit.model.convnet import batchnorms, fold_batchnorm, trace, unfold_inp
 from quantkit.quant.act import ActQuantizer, attach_input_quantizers, fake_quant, mse_scale, qrange
 from quantkit.quant.convnet import compress_layer, default_plan, layer_hessians, quantize_convnet
 from quantkit.quant.genie_m import (GenieMConfig, SoftWeight, _split, capture, genie_m, init_scale,
-                                   reconstruct_unit)
+                                   output_error, reconstruct_unit)
 from quantkit.stats.hessian import proxy_loss
 from quantkit.types import QSpec
 
@@ -325,6 +325,9 @@ def test_genie_m_gptq_start_gives_gptq_codes_in_the_first_unit():
     assert err["trained"] < 0.9 * err["start"]                  # reconstruction improves on GPTQ
     with pytest.raises(QuantkitError, match=r"start 'adaround': use nearest \| gptq"):
         genie_m(copy.deepcopy(m), plan, [x], GenieMConfig(iterations=0, start="adaround"), progress=False)
+    for bad in ({"holdout": 1.0}, {"holdout": -0.1}, {"check_every": 0}):
+        with pytest.raises(QuantkitError, match=r"holdout is a share in \[0, 1\)"):
+            genie_m(copy.deepcopy(m), plan, [x], GenieMConfig(iterations=1, **bad), progress=False)
 
 
 def test_genie_m_weight_step_moves_by_the_same_ratio_at_every_bit_width():
@@ -368,6 +371,13 @@ def _unit_problem(seed=0, n=24):
 def _held_error(unit, x, y):
     with torch.no_grad():
         return float((unit(x) - y).pow(2).sum(1).mean())
+
+
+def test_genie_m_output_error_is_the_same_in_any_chunks():
+    unit, _, x_q, _, y = _unit_problem(n=10)
+    whole = _held_error(unit, x_q, y)
+    for chunk in (1, 3, 4, 10, 32):
+        assert output_error(unit, x_q, y, chunk) == pytest.approx(whole, rel=1e-5)
 
 
 def test_genie_m_keeps_the_state_best_on_held_out_images_and_never_trains_on_them():

@@ -147,6 +147,16 @@ def _rec_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).pow(2).sum(1).mean()
 
 
+@torch.no_grad()
+def output_error(unit: nn.Module, x: Tensor, y: Tensor, chunk: int) -> float:
+    """_rec_loss of unit(x) against y over all samples, run `chunk` samples at a time."""
+    total = 0.0
+    for xc, yc in zip(x.split(chunk), y.split(chunk)):
+        out = unit(xc)
+        total += float(_rec_loss(out[0] if isinstance(out, tuple) else out, yc)) * len(xc)
+    return total / len(x)
+
+
 def gptq_starts(model: nn.Module, layers: dict[str, nn.Module], plan: ConvPlan,
                 batches: list[Tensor], stop_after: nn.Module | None) -> dict[str, PackedLinear]:
     """GPTQ of each layer on the Hessian of the inputs it gets now (as quantize_convnet does);
@@ -187,18 +197,13 @@ def reconstruct_unit(unit: nn.Module, layers: dict[str, nn.Module], bits: dict[s
                  if act_opt else None)
     warm = int(cfg.warmup * cfg.iterations)
 
-    @torch.no_grad()
-    def held_error() -> float:
-        for n, m in layers.items():
-            _set_weight(m, soft[n](hard=True))
-        out = unit(x_q[held])
-        return float(_rec_loss(out[0] if isinstance(out, tuple) else out, y[held]))
-
     best = (float("inf"), 0, None)               # (held-out error, iteration, parameter values)
     try:
         for it in range(cfg.iterations + 1):
             if len(held) and (it % cfg.check_every == 0 or it == cfg.iterations):
-                err = held_error()
+                for n, m in layers.items():
+                    _set_weight(m, soft[n](hard=True))
+                err = output_error(unit, x_q[held], y[held], cfg.batch_size)
                 if err < best[0]:
                     best = (err, it, [p.detach().clone() for p in params])
             if it == cfg.iterations:
@@ -235,14 +240,11 @@ def reconstruct_unit(unit: nn.Module, layers: dict[str, nn.Module], bits: dict[s
         for q in quantizers:
             q.scale.requires_grad_(False)
             q.drop_prob = 0.0
-    kept = cfg.iterations
-    with torch.no_grad():
-        if best[2] is not None:
-            kept = best[1]
-            for p, v in zip(params, best[2]):
-                p.copy_(v)
+    kept = cfg.iterations if best[2] is None else best[1]
     packed = {}
     with torch.no_grad():
+        for p, v in zip(params, best[2] or []):
+            p.copy_(v)
         for n, m in layers.items():
             packed[n] = soft[n].packed()
             m.weight = nn.Parameter(packed[n].dequantize().reshape(soft[n].shape), requires_grad=False)
@@ -256,6 +258,9 @@ def genie_m(model: nn.Module, plan: ConvPlan, batches: list[Tensor], config: Gen
     cfg = config or GenieMConfig()
     if cfg.start not in ("nearest", "gptq"):
         raise QuantkitError(f"genie_m.start {cfg.start!r}: use nearest | gptq")
+    if not 0 <= cfg.holdout < 1 or cfg.check_every < 1:
+        raise QuantkitError(f"genie_m.holdout {cfg.holdout} / check_every {cfg.check_every}: "
+                            "holdout is a share in [0, 1) (0: train on every image), check_every >= 1")
     gen = torch.Generator().manual_seed(seed)
     fp = copy.deepcopy(model)
     quantizers = attach_input_quantizers(model, {n: b for n, b in plan.acts.items() if b is not None})
