@@ -118,13 +118,12 @@ def main() -> None:
                 rep = quantize_image_model(model, x, bits=w, act_bits=act, method=meth,
                                            n_calib=len(x), seed=a.seed, method_options=opts,
                                            bn_reestimate="bnre" in post,
-                                           bias_correction="bc" in post,
-                                           progress=meth == "genie-m")   # its kept iterations
+                                           bias_correction="bc" in post, progress=False)
                 res = measure(model, fp_logits, x_eval, labels, pre)
                 res.update(quantize_seconds=rep.seconds, bits_per_weight=rep.bits_per_weight,
                            total_seconds=rep.seconds + distill_s.get(c, 0.0),
                            genie_m_iterations=a.genie_m_iters if meth == "genie-m" else None,
-                           genie_m_options=opts)
+                           genie_m_options=opts, method_info=rep.settings["method_info"])
                 key = f"{a.testbed}/{c}/{cfg}/{meth}" + "".join(f"+{v}" for v in ("bc", "bnre") if v in post)
                 rows[key] = res
                 print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},

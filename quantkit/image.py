@@ -224,11 +224,14 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
     elif bits != int(bits):
         raise QuantkitError(f"--bits {bits}: a fractional budget needs --alloc pareto | ip | baq")
     batches = list(x.split(batch_size))
+    method_info = {}
     if recon:
         hooks = registry.hooks("reconstruction", method)
         cfg = build_config(hooks.config, method_options or {}, method)
-        packed, quantizers = registry.get("reconstruction", method)(model, plan, batches, cfg,
-                                                                    seed=seed, progress=progress)
+        # a reconstruction may add a third item: what it decided per unit, for the run record
+        packed, quantizers, *info = registry.get("reconstruction", method)(model, plan, batches, cfg,
+                                                                           seed=seed, progress=progress)
+        method_info = info[0] if info else {}
     else:
         packed, quantizers = quantize_convnet(model, plan, registry.get("compressor", method),
                                               batches, progress)
@@ -248,7 +251,8 @@ def quantize_image_model(model: nn.Module, calib: Tensor | str, bits: float = 4,
                                  "gbops": gbops, "bn_reestimate": bn_reestimate,
                                  "bias_correction": bias_correction,
                                  "calib_options": calib_options or {},
-                                 "method_options": method_options or {}},
+                                 "method_options": method_options or {},
+                                 "method_info": method_info},
                        original_size_bytes=original, model=model, packed=packed, quantizers=quantizers,
                        biases=biases)
 

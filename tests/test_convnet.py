@@ -304,7 +304,8 @@ def test_genie_m_gptq_start_gives_gptq_codes_in_the_first_unit():
     g = copy.deepcopy(m)
     ref, _ = quantize_convnet(g, plan, registry.get("compressor", "gptq"), [x], progress=False)
     w = copy.deepcopy(m)
-    packed, _ = genie_m(w, plan, [x], GenieMConfig(iterations=0, start="gptq"), progress=False)
+    packed, _, info = genie_m(w, plan, [x], GenieMConfig(iterations=0, start="gptq"), progress=False)
+    assert info == {"kept_iteration": {u: 0 for u in plan.units}}
     first = [n for n in unit_layers(plan.units[0], plan.order) if n in plan.weights]
     assert first
     for n in first:
@@ -411,6 +412,18 @@ def test_genie_m_keeps_the_state_best_on_held_out_images_and_never_trains_on_the
     assert all(torch.isfinite(p.dequantize()).all() for p in out.values())
 
 
+def test_image_run_records_the_iteration_each_genie_m_unit_kept():
+    x = smooth(24, seed=7)
+    rep = quantize_image_model(resnet(), x, bits=4, act_bits=4, method="genie-m", progress=False,
+                               method_options={"iterations": 20, "check_every": 5})
+    kept = rep.settings["method_info"]["kept_iteration"]
+    tr = trace(resnet(), x[:2])
+    assert list(kept) == units(resnet(), tr.order)
+    assert all(v in (0, 5, 10, 15, 20) for v in kept.values())
+    assert quantize_image_model(resnet(), x, bits=4, method="rtn",
+                                progress=False).settings["method_info"] == {}
+
+
 def test_init_scale_is_the_grid_optimum():
     torch.manual_seed(1)
     W = torch.randn(3, 20)
@@ -435,7 +448,7 @@ def test_genie_m_reconstruction_beats_its_own_start_and_stores_what_runs():
     genie_m(cold, plan, [x], GenieMConfig(iterations=0, start="nearest"), progress=False)
     warm = copy.deepcopy(m)
     torch.manual_seed(0)                                        # QDrop's draws
-    packed, quantizers = genie_m(warm, plan, [x], GenieMConfig(iterations=200, start="nearest"),
+    packed, quantizers, _ = genie_m(warm, plan, [x], GenieMConfig(iterations=200, start="nearest"),
                                  progress=False)
     ref = fp(x).logits
 

@@ -253,8 +253,10 @@ def reconstruct_unit(unit: nn.Module, layers: dict[str, nn.Module], bits: dict[s
 
 @register("reconstruction", "genie-m", section="genie_m", config=GenieMConfig)
 def genie_m(model: nn.Module, plan: ConvPlan, batches: list[Tensor], config: GenieMConfig | None = None,
-            seed: int = 0, progress: bool = True) -> tuple[dict[str, PackedLinear], dict[str, ActQuantizer]]:
-    """Genie-M over every unit of the plan, in execution order; `model` ends up quantized."""
+            seed: int = 0, progress: bool = True
+            ) -> tuple[dict[str, PackedLinear], dict[str, ActQuantizer], dict]:
+    """Genie-M over every unit of the plan, in execution order; `model` ends up quantized.
+    Returns (packed layers, activation quantizers, {"kept_iteration": {unit: iteration}})."""
     cfg = config or GenieMConfig()
     if cfg.start not in ("nearest", "gptq"):
         raise QuantkitError(f"genie_m.start {cfg.start!r}: use nearest | gptq")
@@ -285,7 +287,5 @@ def genie_m(model: nn.Module, plan: ConvPlan, batches: list[Tensor], config: Gen
             done, kept[unit] = reconstruct_unit(mod, layers, {n: plan.weights[n].bits for n in names},
                                                 mine, x_q, x_fp, y, cfg, gen, bar, starts)
             packed.update(done)
-    if cfg.iterations and progress:
-        print(f"genie-m: state kept at iteration (per unit) {kept}")
-    return packed, quantizers
+    return packed, quantizers, {"kept_iteration": kept}
 
