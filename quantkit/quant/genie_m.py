@@ -184,15 +184,16 @@ def reconstruct_unit(unit: nn.Module, layers: dict[str, nn.Module], bits: dict[s
     starts = starts or {}
     soft = {n: SoftWeight(m.weight.detach(), bits[n], cfg.scale_p, starts.get(n))
             for n, m in layers.items()}
-    params = [s.V for s in soft.values()] + [s.log_step for s in soft.values()] + \
-        [q.scale for q in quantizers]
+    rounding = [s.V for s in soft.values()]
+    steps = [s.log_step for s in soft.values()]
+    act_steps = [q.scale for q in quantizers]
+    params = rounding + steps + act_steps        # what the kept state holds
     train, held = _split(len(x_q), cfg.holdout, cfg.iterations, gen)
     for q in quantizers:
         q.scale.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [s.V for s in soft.values()], "lr": cfg.lr_round},
-                            {"params": [s.log_step for s in soft.values()], "lr": cfg.lr_log_step}])
-    act_opt = (torch.optim.Adam([q.scale for q in quantizers], lr=cfg.lr_act_scale)
-               if quantizers else None)
+    opt = torch.optim.Adam([{"params": rounding, "lr": cfg.lr_round},
+                            {"params": steps, "lr": cfg.lr_log_step}])
+    act_opt = torch.optim.Adam(act_steps, lr=cfg.lr_act_scale) if quantizers else None
     act_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, cfg.iterations, 0)
                  if act_opt else None)
     warm = int(cfg.warmup * cfg.iterations)
