@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="-1 for one group per output row")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="search each group's grid for the lowest squared error (2-3x GPTQ's time) "
+                        "instead of min-max")
     q.add_argument("--alloc", help="bit allocation: uniform (default) | ip | baq | pareto")
     q.add_argument("--bit-options", type=_options, help="widths a layer may get (default: the recipe's; 2,3,4,8 without one); BITS:GROUP gives an option "
                         "its own group size, e.g. 3:64,4:128,8")
@@ -156,7 +159,7 @@ def cmd_quantize(a) -> dict:
     else:
         r = r.with_overrides(method=a.method, bits=a.bits, act_bits=a.act_bits, max_bops=a.max_bops,
                              bn_reestimate=a.bn_reestimate, bias_correction=a.bias_correction,
-                             group_size=a.group_size, sym=a.sym,
+                             group_size=a.group_size, sym=a.sym, mse=a.mse,
                              act_order=a.act_order, alloc=a.alloc, bit_options=a.bit_options,
                              tie_fused=a.tie_fused, sensitivity=a.sensitivity, report=a.report,
                              prune=a.prune)

@@ -117,6 +117,8 @@ def quantize(ckpt: Path, alloc: str, a) -> dict:
     cmd = [sys.executable, str(ROOT / "cli.py"), "quantize", "llama", "--model", str(ckpt), "--bits",
            "4", "--alloc", alloc, "--stream", "--out", str(out), "--overwrite", "--json", str(summary),
            "--n-samples", str(a.n_samples), "--calib-seqlen", str(a.seqlen)]
+    if alloc != "uniform":                   # the mixed job as the issue asks it: GPTQ, not the recipe's RSQ
+        cmd += ["--method", a.mixed_method, "--bit-options", a.bit_options, "--no-mse"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env)
@@ -157,6 +159,10 @@ def main() -> None:
     p.add_argument("--alloc", nargs="+", default=["uniform"])
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--mixed-method", default="gptq",
+                   help="compressor of the mixed jobs, min-max grid (the llama recipe's own, RSQ "
+                        "with an MSE grid, takes ~150 s a block here: ~7 h for 120 blocks)")
+    p.add_argument("--bit-options", default="3:128,4:128,8", help="widths the mixed jobs choose from")
     p.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     p.add_argument("--json", default=str(default_path("scale")))
     a = p.parse_args()
