@@ -35,7 +35,8 @@ from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import check_finite, layer_shapes, load_model, resolve_source, stream_model
 from quantkit.model.stream import checkpoint_bytes, streamed, trim_heap
-from quantkit.model.runner import BlockInputs, Offload, OnDisk, forward_block, input_groups, walk_blocks
+from quantkit.model.runner import (BLOCK_DEVICES, BlockInputs, Offload, OnDisk, block_devices, forward_block,
+                                   input_groups, on_device, place_blocks, walk_blocks)
 from quantkit.resume import RunState, fingerprint, state_dir
 from quantkit.quant.base import LayerStats, QSpec, fp_target_weight, proxy_loss, storage_floor
 from quantkit.recipe import Recipe
@@ -264,6 +265,10 @@ def _load(recipe: Recipe, hooks: registry.Hooks, need_data: bool, model: nn.Modu
         hooks.prepare(model, recipe)             # before calibration: every statistic sees it
     prefix, blocks = find_blocks(model)
     layer_names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in linears(b)]
+    if hasattr(model, BLOCK_DEVICES):            # a model object placed by an earlier run
+        delattr(model, BLOCK_DEVICES)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        place_blocks(model)                      # --device cuda, several GPUs: accelerate's map
     batches = None
     if need_data:
         c = recipe.calib
@@ -526,6 +531,7 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
                          None if next_inputs is None else next_inputs.hidden,
                          None if not fp_target or next_inputs is None else inputs_fp.hidden, shard)
     ref = None
+    devices = block_devices(model, device)
     for i, block_name, block, inputs in walk_blocks(model, batches, device, "blocks", progress,
                                                      start, hidden, after, offload):
         ref = copy.deepcopy(block) if fp_target and inputs is not None else None
@@ -533,6 +539,7 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
             inputs_fp = inputs if hidden_fp is None else BlockInputs(
                 hidden_fp if isinstance(hidden_fp, OnDisk) else [h.to(device) for h in hidden_fp],
                 inputs.args, inputs.kwargs)
+        inputs_fp = on_device(inputs_fp, devices[i])        # with its block (place_blocks)
         mods = linears(block)
         full = lambda n: f"{block_name}.{n}"  # noqa: E731
         todo = [n for n in mods if full(n) in plan]

@@ -348,3 +348,19 @@ def test_llm_int8_threshold_comes_from_the_recipe(ckpt, tmp_path):
         run(recipe.with_overrides(**{"llm_int.threshold": 1.0}), progress=False)
     with pytest.raises(QuantkitError, match="unknown field"):
         Recipe.from_dict({"llm_int8_threshold": 2.0})               # scalars are fields, not sections
+
+
+@pytest.mark.parametrize("flags, mse", [([], False), (["--alloc", "ip"], True),
+                                        (["--alloc", "ip", "--no-mse"], False), (["--mse"], True)])
+def test_mse_flag_sets_the_grid_search_over_the_recipe_and_its_mixed_section(flags, mse, monkeypatch):
+    """--mse / --no-mse: the recipe's `mse` (min-max for the default job, the MSE search for
+    its mixed jobs) unless given."""
+    import quantkit
+    seen = []
+
+    def fake(recipe, **kw):
+        seen.append(recipe)
+        raise QuantkitError("stop here")
+    monkeypatch.setattr(quantkit, "quantize", fake)
+    assert main(["quantize", "llama", *flags]) == 2           # a QuantkitError
+    assert seen[0].mse is mse

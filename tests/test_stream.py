@@ -13,8 +13,9 @@ from quantkit.formats.io import INDEX, inspect_checkpoint, load_tensors
 from quantkit.model import loader
 from quantkit.model import stream as stream_mod
 from quantkit.model.discovery import find_blocks
+from quantkit.model.runner import BLOCK_DEVICES, block_devices, place_blocks
 from quantkit.resume import state_dir
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, token_batches
 from tests.test_cli import save_tiny_checkpoints
 
 KW = {"group_size": 32, "calib.n_samples": 6, "calib.seqlen": 32, "calib.batch_size": 2}
@@ -195,3 +196,65 @@ def test_bounded_heap_gives_freed_blocks_back_despite_survivors_above_them():
                                 text=True, check=True).stdout) for flag in "01"]
     alive = 64 * (64 << 10) * 4                               # the survivors: 16 MiB
     assert grown[1] < alive + (8 << 20) < 64 << 20 < grown[0]
+
+
+def test_place_blocks_spreads_the_blocks_over_the_gpus_by_accelerates_map():
+    """Several GPUs: accelerate's device map places whole blocks, in order, each GPU taking a
+    share in proportion to its memory; the placement is recorded on the model."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 12
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    even = [d.index for d in place_blocks(model, {0: 40 * 2**30, 1: 40 * 2**30})]
+    assert even == sorted(even) and set(even) == {0, 1} and abs(even.count(0) - even.count(1)) <= 2
+    assert getattr(model, BLOCK_DEVICES) == [torch.device("cuda", i) for i in even]
+    assert block_devices(model, torch.device("cpu")) == getattr(model, BLOCK_DEVICES)
+    skew = [d.index for d in place_blocks(model, {0: 60 * 2**30, 1: 20 * 2**30})]
+    assert skew == sorted(skew) and skew.count(0) >= 8 and skew.count(1) >= 2
+    with pytest.raises(QuantkitError, match="no GPU memory"):
+        place_blocks(model, {})
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def test_each_block_runs_where_it_is_placed_with_its_inputs(src, tmp_path):
+    """A placed model: walk_blocks reads block i onto its own device and brings its inputs
+    (hidden states, masks, position embeddings; offloaded ones read back there) along; the
+    meta device stands in for a second GPU. Unplaced, every block runs on the run's device."""
+    from quantkit.model.runner import Offload, walk_blocks
+    model, _, _ = loader.stream_model(str(src / "llama"))
+    assert block_devices(model, torch.device("cpu")) == [torch.device("cpu")] * 3
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    setattr(model, BLOCK_DEVICES, [cpu, cpu, meta])
+    for offload in (None, Offload(tmp_path / "acts")):
+        seen = []
+        for _, _, block, inputs in walk_blocks(model, token_batches(4, 16, 2), cpu, "t", False,
+                                               offload=offload):
+            args = _tensors(inputs.args) + _tensors(inputs.kwargs)
+            seen.append(({p.device.type for p in block.parameters()},
+                         {h.device.type for h in inputs.hidden}, {t.device.type for t in args}))
+        assert seen == [({"cpu"}, {"cpu"}, {"cpu"})] * 2 + [({"meta"}, {"meta"}, {"meta"})]
+
+
+def test_on_device_moves_only_what_is_elsewhere(tmp_path):
+    from quantkit.model.runner import BlockInputs, OnDisk, on_device
+    pos = (torch.ones(2, 3), torch.zeros(2, 3))
+    here = BlockInputs([torch.ones(2, 3, 4)], [()], [{"position_embeddings": pos, "flag": True}])
+    assert on_device(here, torch.device("cpu")) is here and on_device(None, torch.device("cpu")) is None
+    there = on_device(here, torch.device("meta"))
+    assert there.hidden[0].is_meta and all(t.is_meta for t in there.kwargs[0]["position_embeddings"])
+    assert there.kwargs[0]["flag"] is True and here.hidden[0].device.type == "cpu"
+    disk = BlockInputs(OnDisk([tmp_path / "h0.pt"], torch.device("cpu")), [()], [{}])
+    moved = on_device(disk, torch.device("meta"))
+    assert isinstance(moved.hidden, OnDisk) and moved.hidden.paths == disk.hidden.paths
+    assert moved.hidden.device == torch.device("meta") and on_device(disk, torch.device("cpu")) is disk

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,83 @@ def _to(obj, device):
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+def on_device(inputs: "BlockInputs | None", device: torch.device) -> "BlockInputs | None":
+    """The block inputs on `device` (the same object when they are there already; offloaded
+    hidden states are then read back onto it)."""
+    if inputs is None:
+        return None
+    hidden = inputs.hidden
+    if isinstance(hidden, OnDisk):
+        if hidden.device == device:
+            return inputs
+        hidden = OnDisk(hidden.paths, device)
+    elif all(h.device == device for h in hidden):
+        return inputs
+    else:
+        hidden = [h.to(device) for h in hidden]
+    return BlockInputs(hidden, _to(inputs.args, device), _to(inputs.kwargs, device))
+
+
+BLOCK_DEVICES = "_quantkit_block_devices"
+
+
+def place_blocks(model: nn.Module, max_memory: dict[int, int] | None = None) -> list[torch.device]:
+    """Spread the blocks over the GPUs by accelerate's device map (a block is never split),
+    each GPU taking a share in proportion to its free memory, and record the placement on the
+    model: walk_blocks runs block i on its device, its inputs following it. The blocks still
+    run one at a time (the runner's memory bound holds whatever the model's size), so the map
+    is asked to spread the whole model, not to fit it: a block the map leaves off the GPUs runs
+    on the last one. max_memory: bytes per GPU index (default: each visible GPU's free memory).
+    """
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    _, blocks = find_blocks(model)
+    if max_memory is None:
+        max_memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    if not max_memory or min(max_memory.values()) <= 0:
+        raise QuantkitError(f"place_blocks: no GPU memory to place blocks on ({max_memory})")
+    total, free = compute_module_sizes(model)[""], sum(max_memory.values())
+    share = {i: int(m / free * total * 1.05) + 1 for i, m in sorted(max_memory.items())}
+    dmap = infer_auto_device_map(model, max_memory=share,
+                                 no_split_module_classes=[type(blocks[0]).__name__])
+    last = max(max_memory)
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def where(name: str) -> int:
+        parts = name.split(".")
+        for k in range(len(parts), -1, -1):          # the map's entry for the block or a parent
+            got = dmap.get(".".join(parts[:k]))
+            if got is not None:
+                return got if isinstance(got, int) else last
+        return last
+    devices = [torch.device("cuda", where(names[id(b)])) for b in blocks]
+    setattr(model, BLOCK_DEVICES, devices)
+    return devices
+
+
+def block_devices(model: nn.Module, device: torch.device) -> list[torch.device]:
+    """The device each block runs on: place_blocks' placement, or `device` for all."""
+    placed = getattr(model, BLOCK_DEVICES, None)
+    return list(placed) if placed is not None else [device] * len(find_blocks(model)[1])
+
+
+@contextmanager
+def whole_model_on(model: nn.Module, device: torch.device):
+    """Every block on `device` for passes through the whole model at once (sensitivities that
+    do not go block by block), back on the CPU after; the rest of the model is on the device
+    already (the run placed it there)."""
+    _, blocks = find_blocks(model)
+    if device.type == "cpu":
+        yield
+        return
+    blocks.to(device)
+    try:
+        yield
+    finally:
+        blocks.to("cpu")
 
 
 class OnDisk:
@@ -125,7 +202,8 @@ def run_block(block: nn.Module, inputs: BlockInputs, i: int, hidden: Tensor | No
 def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.device,
                 desc: str, progress: bool = True, start: int = 0,
                 hidden: list[Tensor] | OnDisk | None = None, after=None, offload: Offload | None = None):
-    """Yield (i, qualified name, block on device, its inputs or None without data).
+    """Yield (i, qualified name, block on device, its inputs or None without data); a model
+    placed over several GPUs (place_blocks) has each block on its own device, inputs with it.
 
     After the consumer is done with a block, its (possibly changed) outputs become the next
     block's inputs (`after(i, those inputs)` is then called; None after the last block), and
@@ -144,13 +222,15 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
                                  [h.to(device) for h in hidden], args=inputs.args, kwargs=inputs.kwargs)
         elif offload.dir is not None:
             inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
+    devices = block_devices(model, device)
     bar = tqdm(total=len(blocks), initial=start, desc=desc, disable=not progress)
     for i in range(start, len(blocks)):
-        block = blocks[i]
+        block, here = blocks[i], devices[i]
         if stream:
-            stream.materialize(block, f"{prefix}.{i}", device)
+            stream.materialize(block, f"{prefix}.{i}", here)
         else:
-            block.to(device)
+            block.to(here)
+        inputs = on_device(inputs, here)
         yield i, f"{prefix}.{i}", block, inputs
         before = inputs
         if inputs is not None and i + 1 < len(blocks):
@@ -162,7 +242,7 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
         if stream:
             stream.release(block)
             trim_heap()
-        elif device.type != "cpu":
+        elif here.type != "cpu":
             block.to("cpu")
         bar.update()
     bar.close()

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -29,8 +30,8 @@ from quantkit import registry
 from quantkit.alloc.table import CostTable
 from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
 from quantkit.model.discovery import find_blocks
-from quantkit.model.runner import (BlockInputs, Offload, capture_inputs, forward_block, input_groups,
-                                   run_block, walk_blocks)
+from quantkit.model.runner import (BlockInputs, Offload, block_devices, capture_inputs, forward_block,
+                                   input_groups, on_device, run_block, walk_blocks, whole_model_on)
 from quantkit.model.stream import streamed, trim_heap
 from quantkit.stats.hessian import collect_hessians, proxy_loss
 from quantkit.stats.hutchinson import loss_hessian_traces
@@ -40,32 +41,19 @@ from quantkit.types import QSpec
 SINK = 1   # leading positions of every window a fisher price leaves out (the attention sink)
 
 
-def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
-    """Mean squared gradient of the next-token loss w.r.t. each named linear's outputs [out]."""
-    if streamed(model) is not None:
-        return _streamed_fisher(model, batches, names)
-    sums: dict[str, Tensor] = {}
-    count = 0
-    handles = []
-    for name in names:
-        def hook(_m, _gin, gout, name=name):
-            sums[name] = sums.get(name, 0) + _squares(gout[0])
-        handles.append(model.get_submodule(name).register_full_backward_hook(hook))
-    was = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
+def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
+                  device: torch.device = torch.device("cpu")) -> dict[str, Tensor]:
+    """Mean squared gradient of the next-token loss w.r.t. each named linear's outputs [out],
+    one block at a time, each on its device (see _blockwise_fisher)."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:                        # only the activations' gradients are wanted
         p.requires_grad_(False)
     try:
-        for ids in batches:
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            final = model.base_model(inputs_embeds=emb, use_cache=False)[0]
-            final.backward(_head_loss_grad(model, final, ids))
-            count += ids[:, SINK:].numel()
+        return _blockwise_fisher(model, batches, names, device)
     finally:
-        for h in handles:
-            h.remove()
-        for p, w in zip(model.parameters(), was):
+        for p, w in zip(params, was):
             p.requires_grad_(w)
-    return {n: s / count for n, s in sums.items()}
 
 
 LOSS_CHUNK = 128   # positions whose logits exist at once: [B, 128, vocab], not [B, T, vocab]
@@ -93,40 +81,57 @@ def _squares(g: Tensor) -> Tensor:
     return (g * g).reshape(-1, g.shape[-1]).sum(0)
 
 
-def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) -> dict[str, Tensor]:
-    """output_fisher with one block in memory at a time (a model streamed from disk): a forward
-    pass block by block keeps each block's inputs (on disk), the loss comes from the last
-    block's outputs through the rest of the model, then the backward pass runs block by block
-    in reverse, each block recomputed from its kept inputs. The same sums, in the same order."""
+def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
+                      device: torch.device) -> dict[str, Tensor]:
+    """A forward pass block by block keeps each block's inputs (on disk when the model streams
+    its weights from disk), the loss comes from the last block's outputs through the rest of
+    the model, then the backward pass runs block by block in reverse, each block recomputed
+    from its kept inputs. The sums of a whole-model backward pass, in the same order; memory
+    and devices as in walk_blocks: one block at a time, on `device` or where place_blocks put it."""
     stream = streamed(model)
     prefix, blocks = find_blocks(model)
-    device = torch.device("cpu")
+    devices = block_devices(model, device)
     wanted = set(names)
     sums: dict[str, Tensor] = {}
+
+    def bring(i: int) -> nn.Module:
+        if stream:
+            stream.materialize(blocks[i], f"{prefix}.{i}", devices[i])
+        else:
+            blocks[i].to(devices[i])
+        return blocks[i]
+
+    def back(i: int) -> None:
+        if stream:
+            stream.release(blocks[i])
+            trim_heap()                                  # its weights and scratch, back to the OS
+        elif devices[i].type != "cpu":
+            blocks[i].to("cpu")
+
     with tempfile.TemporaryDirectory(prefix="quantkit-fisher-") as tmp:
-        offload = Offload(tmp)
+        offload = Offload(tmp if stream else None)
         inputs = capture_inputs(model, blocks[0], batches, device)
         inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
         kept = []
-        for i, block in enumerate(blocks):               # forward, keeping each block's inputs
-            stream.materialize(block, f"{prefix}.{i}", device)
+        for i in range(len(blocks)):                     # forward, keeping each block's inputs
+            block = bring(i)
+            inputs = on_device(inputs, devices[i])
             with torch.no_grad():
                 if i == len(blocks) - 1:                 # what the blocks return, to stand in for them
                     raw = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
                 kept.append(inputs)
                 inputs = forward_block(block, inputs, offload)
-            stream.release(block)
-            trim_heap()                                  # its weights and scratch, back to the OS
+            back(i)
         grads = []
-        with stream.lazily(blocks, device):              # the last norm and the head, read once
+        with stream.lazily(blocks, device) if stream else nullcontext():  # the last norm and the head
             for j, ids in enumerate(batches):            # the loss from the last block's outputs
-                h = inputs.hidden[j].requires_grad_(True)
+                ids = ids.to(device)
+                h = inputs.hidden[j].to(device).requires_grad_(True)
                 final = _tail(model, blocks, ids, h, raw, device)
                 final.backward(_head_loss_grad(model, final, ids))
                 grads.append(h.grad)
         for i in reversed(range(len(blocks))):           # backward, block by block
-            block = blocks[i]
-            stream.materialize(block, f"{prefix}.{i}", device)
+            block = bring(i)
             handles = []
             for n, m in linears(block).items():
                 if f"{prefix}.{i}.{n}" in wanted:
@@ -136,15 +141,14 @@ def _streamed_fisher(model: nn.Module, batches: list[Tensor], names: list[str]) 
             try:
                 for j in range(len(batches)):
                     x = kept[i].hidden[j].requires_grad_(True)
-                    run_block(block, kept[i], j, x).backward(grads[j])
+                    run_block(block, kept[i], j, x).backward(grads[j].to(devices[i]))
                     grads[j] = x.grad
             finally:
                 for hd in handles:
                     hd.remove()
-            stream.release(block)
-            trim_heap()
+            back(i)
     count = sum(ids[:, SINK:].numel() for ids in batches)
-    return {n: s / count for n, s in sums.items()}
+    return {n: s.to("cpu") / count for n, s in sums.items()}
 
 
 class _Replay(nn.Module):
@@ -287,7 +291,7 @@ def fisher_table(model: nn.Module, batches: list[Tensor], names: list[str], opti
     time, the head on LOSS_CHUNK positions at a time: a 512-token window's fp32 logits over a
     50k vocabulary are 100 MB, and their softmax and gradient as much again each)."""
     small = [b[i:i + 1] for b in batches[:2] for i in range(len(b))]
-    price = fisher_price(output_fisher(model, small, names))
+    price = fisher_price(output_fisher(model, small, names, device))
     return cost_table(model, batches, options, compressor, device, price, progress)
 
 
@@ -298,7 +302,8 @@ hessian_table.streams = fisher_table.streams = True     # work on a model stream
 def trace_table(model: nn.Module, batches: list[Tensor], names: list[str], options: list[QSpec],
                 compressor, device: torch.device, progress: bool) -> CostTable:
     """Weight errors priced by the loss Hessian's trace (Hutchinson, one window)."""
-    price = trace_price(loss_hessian_traces(model, batches[0][:1], names))
+    with whole_model_on(model, device):
+        price = trace_price(loss_hessian_traces(model, batches[0][:1].to(device), names))
     return cost_table(model, batches, options, compressor, device, price, progress)
 
 
@@ -307,4 +312,5 @@ def kl_sensitivity(model: nn.Module, batches: list[Tensor], names: list[str], op
                    compressor, device: torch.device, progress: bool) -> CostTable:
     """Output KL with one layer at a time round-to-nearest quantized (no per-layer statistics)."""
     rtn = registry.get("compressor", "rtn")
-    return kl_table(model, batches[0][:4].to(device), names, options, rtn, progress)
+    with whole_model_on(model, device):
+        return kl_table(model, batches[0][:4].to(device), names, options, rtn, progress)
