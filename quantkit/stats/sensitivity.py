@@ -42,7 +42,7 @@ SINK = 1   # leading positions of every window a fisher price leaves out (the at
 
 
 def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
-                  device: torch.device = torch.device("cpu")) -> dict[str, Tensor]:
+                  device: torch.device = torch.device("cpu"), progress: bool = False) -> dict[str, Tensor]:
     """Mean squared gradient of the next-token loss w.r.t. each named linear's outputs [out],
     one block at a time, each on its device (see _blockwise_fisher)."""
     params = list(model.parameters())
@@ -50,7 +50,7 @@ def output_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
     for p in params:                        # only the activations' gradients are wanted
         p.requires_grad_(False)
     try:
-        return _blockwise_fisher(model, batches, names, device)
+        return _blockwise_fisher(model, batches, names, device, progress)
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
@@ -82,7 +82,7 @@ def _squares(g: Tensor) -> Tensor:
 
 
 def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
-                      device: torch.device) -> dict[str, Tensor]:
+                      device: torch.device, progress: bool) -> dict[str, Tensor]:
     """A forward pass block by block keeps each block's inputs (on disk when the model streams
     its weights from disk), the loss comes from the last block's outputs through the rest of
     the model, then the backward pass runs block by block in reverse, each block recomputed
@@ -113,11 +113,12 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
         inputs = capture_inputs(model, blocks[0], batches, device)
         inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
         kept = []
-        for i in range(len(blocks)):                     # forward, keeping each block's inputs
+        last = len(blocks) - 1
+        for i in tqdm(range(last + 1), desc="fisher forward", disable=not progress):   # keeping each block's inputs
             block = bring(i)
             inputs = on_device(inputs, devices[i])
             with torch.no_grad():
-                if i == len(blocks) - 1:                 # what the blocks return, to stand in for them
+                if i == last:                            # what the blocks return, to stand in for them
                     raw = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
                 kept.append(inputs)
                 inputs = forward_block(block, inputs, offload)
@@ -130,7 +131,7 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
                 final = _tail(model, blocks, ids, h, raw, device)
                 final.backward(_head_loss_grad(model, final, ids))
                 grads.append(h.grad)
-        for i in reversed(range(len(blocks))):           # backward, block by block
+        for i in tqdm(range(last, -1, -1), desc="fisher backward", disable=not progress):
             block = bring(i)
             handles = []
             for n, m in linears(block).items():
@@ -291,7 +292,7 @@ def fisher_table(model: nn.Module, batches: list[Tensor], names: list[str], opti
     time, the head on LOSS_CHUNK positions at a time: a 512-token window's fp32 logits over a
     50k vocabulary are 100 MB, and their softmax and gradient as much again each)."""
     small = [b[i:i + 1] for b in batches[:2] for i in range(len(b))]
-    price = fisher_price(output_fisher(model, small, names, device))
+    price = fisher_price(output_fisher(model, small, names, device, progress))
     return cost_table(model, batches, options, compressor, device, price, progress)
 
 
