@@ -34,7 +34,7 @@ from quantkit.formats.io import check_output, save_checkpoint, state_dict_for_sa
 from quantkit.formats.packed import PackedLinear
 from quantkit.model.discovery import find_blocks, fused_groups, linears, set_weight_matrix, weight_matrix
 from quantkit.model.loader import check_finite, layer_shapes, load_model, resolve_source, stream_model
-from quantkit.model.stream import checkpoint_bytes, streamed, trim_heap
+from quantkit.model.stream import available_memory, checkpoint_bytes, streamed, trim_heap
 from quantkit.model.runner import (BLOCK_DEVICES, BlockInputs, Offload, OnDisk, block_devices, forward_block,
                                    input_groups, on_device, place_blocks, walk_blocks)
 from quantkit.resume import RunState, fingerprint, state_dir
@@ -306,16 +306,6 @@ def memory_budget(recipe: Recipe) -> int:
     if value <= 0:
         raise QuantkitError(f"--max-memory {recipe.max_memory!r}: give a size such as 8GB or 512MiB")
     return int(value)
-
-
-def available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62                              # unknown: no limit
 
 
 def _streams(recipe: Recipe, hooks: registry.Hooks) -> bool:

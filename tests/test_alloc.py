@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,3 +328,37 @@ def test_fisher_table_prices_every_position_but_each_windows_first(chunk, monkey
     assert got == pytest.approx(priced(1, 1), rel=1e-4)
     for wrong in (priced(0, 1), priced(1, 0)):                # the sink's inputs, or its gradients
         assert all(abs(a / b - 1) > 1e-2 for a, b in zip(got, wrong))
+
+
+def test_fisher_keeps_block_inputs_on_disk_when_memory_is_short(monkeypatch):
+    """The block-by-block Fisher of a model in memory keeps every block's inputs in memory,
+    or in files when they would take a quarter of the free memory: the same sums either way,
+    the files gone afterwards; the model's parameters keep their requires_grad and get no grad."""
+    import tempfile
+    from quantkit.model import runner
+    from quantkit.stats import sensitivity
+    from tests.conftest import tiny_model, token_batches
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    names = [n for n, m in model.named_modules() if n.endswith("_proj")]
+    batches = token_batches(n=4, seqlen=16, batch=1)
+    dirs = []
+    orig = runner.Offload.keep
+
+    def keep(self, tensors, device):
+        dirs.append(self.dir)
+        return orig(self, tensors, device)
+    monkeypatch.setattr(runner.Offload, "keep", keep)
+    in_memory = sensitivity.output_fisher(model, batches, names)
+    assert dirs and all(d is None for d in dirs)
+    monkeypatch.setattr(sensitivity, "available_memory", lambda: 1000)
+    dirs.clear()
+    on_disk = sensitivity.output_fisher(model, batches, names)
+    assert dirs and all(d is not None for d in dirs)
+    assert not any(Path(d).exists() for d in dirs)
+    assert Path(dirs[0]).parent == Path(tempfile.gettempdir())
+    assert in_memory.keys() == on_disk.keys() == set(names)
+    assert all(torch.equal(in_memory[n], on_disk[n]) and in_memory[n].abs().sum() > 0 for n in names)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())

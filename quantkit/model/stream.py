@@ -25,6 +25,17 @@ from quantkit.model.discovery import find_blocks
 ATTR = "quantkit_stream"
 
 
+def available_memory() -> int:
+    """The RAM available now (MemAvailable), or no limit where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def streamed(model: nn.Module) -> "Streamed | None":
     """The model's weight stream, when its weights live on disk."""
     return getattr(model, ATTR, None)

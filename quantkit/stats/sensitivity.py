@@ -32,7 +32,7 @@ from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
 from quantkit.model.discovery import find_blocks
 from quantkit.model.runner import (BlockInputs, Offload, block_devices, capture_inputs, forward_block,
                                    input_groups, on_device, run_block, walk_blocks, whole_model_on)
-from quantkit.model.stream import streamed, trim_heap
+from quantkit.model.stream import available_memory, streamed, trim_heap
 from quantkit.stats.hessian import collect_hessians, proxy_loss
 from quantkit.stats.hutchinson import loss_hessian_traces
 from quantkit.types import QSpec
@@ -84,7 +84,7 @@ def _squares(g: Tensor) -> Tensor:
 def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
                       device: torch.device, progress: bool) -> dict[str, Tensor]:
     """A forward pass block by block keeps each block's inputs (on disk when the model streams
-    its weights from disk), the loss comes from the last block's outputs through the rest of
+    its weights from disk or when they would take a quarter of the free memory), the loss comes from the last block's outputs through the rest of
     the model, then the backward pass runs block by block in reverse, each block recomputed
     from its kept inputs. The sums of a whole-model backward pass, in the same order; memory
     and devices as in walk_blocks: one block at a time, on `device` or where place_blocks put it."""
@@ -109,8 +109,9 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
             blocks[i].to("cpu")
 
     with tempfile.TemporaryDirectory(prefix="quantkit-fisher-") as tmp:
-        offload = Offload(tmp if stream else None)
         inputs = capture_inputs(model, blocks[0], batches, device)
+        kept_bytes = len(blocks) * sum(h.numel() * h.element_size() for h in inputs.hidden)
+        offload = Offload(tmp if stream or 4 * kept_bytes > available_memory() else None)
         inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
         kept = []
         last = len(blocks) - 1
