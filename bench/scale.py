@@ -6,7 +6,7 @@ rather than wide: a streamed run holds one block, the process's libraries (~0.45
 calibration activations, so the checkpoint's depth sets its size, its width the peak.
 
     python bench/scale.py                      # 120 blocks of 1536 wide: 6.3 GB; GPTQ 4-bit
-    python bench/scale.py --alloc uniform ip   # and the mixed-precision job
+    python bench/scale.py --alloc uniform ip   # and a mixed-precision job: ip over GPTQ at 3:128,4:128,8
 
 Each run is `cli.py quantize llama --model CKPT --bits 4 --stream ...` in a child process; its
 peak RSS (getrusage of the child, exact), RSS over time (sampled every 0.5 s), wall time and
