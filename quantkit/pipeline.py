@@ -526,9 +526,7 @@ def compress_model(model: nn.Module, batches: list[torch.Tensor] | None, plan: d
                                                      start, hidden, after, offload):
         ref = copy.deepcopy(block) if fp_target and inputs is not None else None
         if inputs_fp is None and inputs is not None:
-            inputs_fp = inputs if hidden_fp is None else BlockInputs(
-                hidden_fp if isinstance(hidden_fp, OnDisk) else [h.to(device) for h in hidden_fp],
-                inputs.args, inputs.kwargs)
+            inputs_fp = inputs if hidden_fp is None else BlockInputs(hidden_fp, inputs.args, inputs.kwargs)
         inputs_fp = on_device(inputs_fp, devices[i])        # with its block (place_blocks)
         mods = linears(block)
         full = lambda n: f"{block_name}.{n}"  # noqa: E731

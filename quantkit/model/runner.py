@@ -69,7 +69,7 @@ def place_blocks(model: nn.Module, max_memory: dict[int, int] | None = None) -> 
     from accelerate import infer_auto_device_map
     from accelerate.utils import compute_module_sizes
 
-    _, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model)
     if max_memory is None:
         max_memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
     if not max_memory or min(max_memory.values()) <= 0:
@@ -79,7 +79,6 @@ def place_blocks(model: nn.Module, max_memory: dict[int, int] | None = None) -> 
     dmap = infer_auto_device_map(model, max_memory=share,
                                  no_split_module_classes=[type(blocks[0]).__name__])
     last = max(max_memory)
-    names = {id(m): n for n, m in model.named_modules()}
 
     def where(name: str) -> int:
         parts = name.split(".")
@@ -88,7 +87,7 @@ def place_blocks(model: nn.Module, max_memory: dict[int, int] | None = None) -> 
             if got is not None:
                 return got if isinstance(got, int) else last
         return last
-    devices = [torch.device("cuda", where(names[id(b)])) for b in blocks]
+    devices = [torch.device("cuda", where(f"{prefix}.{i}")) for i in range(len(blocks))]
     setattr(model, BLOCK_DEVICES, devices)
     return devices
 
@@ -97,6 +96,29 @@ def block_devices(model: nn.Module, device: torch.device) -> list[torch.device]:
     """The device each block runs on: place_blocks' placement, or `device` for all."""
     placed = getattr(model, BLOCK_DEVICES, None)
     return list(placed) if placed is not None else [device] * len(find_blocks(model)[1])
+
+
+def bring_block(model: nn.Module, i: int, device: torch.device) -> nn.Module:
+    """Block i onto `device`: read from the checkpoint when the model streams its weights."""
+    prefix, blocks = find_blocks(model)
+    stream = streamed(model)
+    if stream:
+        stream.materialize(blocks[i], f"{prefix}.{i}", device)
+    else:
+        blocks[i].to(device)
+    return blocks[i]
+
+
+def put_back(model: nn.Module, i: int, device: torch.device) -> None:
+    """Block i, done with on `device`: released (its memory back to the OS) when the model
+    streams its weights, else back on the CPU."""
+    block = find_blocks(model)[1][i]
+    stream = streamed(model)
+    if stream:
+        stream.release(block)
+        trim_heap()
+    elif device.type != "cpu":
+        block.to("cpu")
 
 
 @contextmanager
@@ -213,23 +235,17 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
     offload: where the hidden states between blocks are kept (default: memory).
     """
     prefix, blocks = find_blocks(model)
-    stream = streamed(model)
     offload = offload or Offload(None)
     inputs = capture_inputs(model, blocks[0], batches, device) if batches is not None else None
     if inputs is not None:
-        if start and start < len(blocks):
-            inputs = BlockInputs(hidden=hidden if isinstance(hidden, OnDisk) else
-                                 [h.to(device) for h in hidden], args=inputs.args, kwargs=inputs.kwargs)
+        if start and start < len(blocks):              # moved to the block's device below
+            inputs = BlockInputs(hidden=hidden, args=inputs.args, kwargs=inputs.kwargs)
         elif offload.dir is not None:
             inputs = BlockInputs(offload.keep(inputs.hidden, device), inputs.args, inputs.kwargs)
     devices = block_devices(model, device)
     bar = tqdm(total=len(blocks), initial=start, desc=desc, disable=not progress)
     for i in range(start, len(blocks)):
-        block, here = blocks[i], devices[i]
-        if stream:
-            stream.materialize(block, f"{prefix}.{i}", here)
-        else:
-            block.to(here)
+        block, here = bring_block(model, i, devices[i]), devices[i]
         inputs = on_device(inputs, here)
         yield i, f"{prefix}.{i}", block, inputs
         before = inputs
@@ -239,11 +255,7 @@ def walk_blocks(model: nn.Module, batches: list[Tensor] | None, device: torch.de
             after(i, inputs if i + 1 < len(blocks) else None)
         if isinstance(before.hidden if before is not None else None, OnDisk) and before is not inputs:
             before.hidden.remove()
-        if stream:
-            stream.release(block)
-            trim_heap()
-        elif here.type != "cpu":
-            block.to("cpu")
+        put_back(model, i, here)
         bar.update()
     bar.close()
     if inputs is not None and isinstance(inputs.hidden, OnDisk):     # the last block's inputs

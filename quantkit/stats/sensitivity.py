@@ -30,8 +30,9 @@ from quantkit import registry
 from quantkit.alloc.table import CostTable
 from quantkit.model.discovery import linears, set_weight_matrix, weight_matrix
 from quantkit.model.discovery import find_blocks
-from quantkit.model.runner import (BlockInputs, Offload, block_devices, capture_inputs, forward_block,
-                                   input_groups, on_device, run_block, walk_blocks, whole_model_on)
+from quantkit.model.runner import (BlockInputs, Offload, block_devices, bring_block, capture_inputs,
+                                   forward_block, input_groups, on_device, put_back, run_block, walk_blocks,
+                                   whole_model_on)
 from quantkit.model.stream import available_memory, streamed, trim_heap
 from quantkit.stats.hessian import collect_hessians, proxy_loss
 from quantkit.stats.hutchinson import loss_hessian_traces
@@ -94,20 +95,6 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
     wanted = set(names)
     sums: dict[str, Tensor] = {}
 
-    def bring(i: int) -> nn.Module:
-        if stream:
-            stream.materialize(blocks[i], f"{prefix}.{i}", devices[i])
-        else:
-            blocks[i].to(devices[i])
-        return blocks[i]
-
-    def back(i: int) -> None:
-        if stream:
-            stream.release(blocks[i])
-            trim_heap()                                  # its weights and scratch, back to the OS
-        elif devices[i].type != "cpu":
-            blocks[i].to("cpu")
-
     with tempfile.TemporaryDirectory(prefix="quantkit-fisher-") as tmp:
         inputs = capture_inputs(model, blocks[0], batches, device)
         kept_bytes = len(blocks) * sum(h.numel() * h.element_size() for h in inputs.hidden)
@@ -116,14 +103,14 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
         kept = []
         last = len(blocks) - 1
         for i in tqdm(range(last + 1), desc="fisher forward", disable=not progress):   # keeping each block's inputs
-            block = bring(i)
+            block = bring_block(model, i, devices[i])
             inputs = on_device(inputs, devices[i])
             with torch.no_grad():
                 if i == last:                            # what the blocks return, to stand in for them
                     raw = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
                 kept.append(inputs)
                 inputs = forward_block(block, inputs, offload)
-            back(i)
+            put_back(model, i, devices[i])
         grads = []
         with stream.lazily(blocks, device) if stream else nullcontext():  # the last norm and the head
             for j, ids in enumerate(batches):            # the loss from the last block's outputs
@@ -133,7 +120,7 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
                 final.backward(_head_loss_grad(model, final, ids))
                 grads.append(h.grad)
         for i in tqdm(range(last, -1, -1), desc="fisher backward", disable=not progress):
-            block = bring(i)
+            block = bring_block(model, i, devices[i])
             handles = []
             for n, m in linears(block).items():
                 if f"{prefix}.{i}.{n}" in wanted:
@@ -148,7 +135,7 @@ def _blockwise_fisher(model: nn.Module, batches: list[Tensor], names: list[str],
             finally:
                 for hd in handles:
                     hd.remove()
-            back(i)
+            put_back(model, i, devices[i])
     count = sum(ids[:, SINK:].numel() for ids in batches)
     return {n: s.to("cpu") / count for n, s in sums.items()}
 
